@@ -1,0 +1,161 @@
+"""`lowc.compress`: read a checkpoint, apply a recipe module by module, write a verified artifact."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..artifact import ArtifactWriter, check_output_dir, producer_info
+from ..checkpoint import Checkpoint
+from ..console import progress_bar
+from ..errors import CheckpointError, UsageError
+from ..kernels.packing import pack_2bit, pack_int
+from ..kernels.reference import dense_weight
+from ..models import build_model
+from ..recipe import Recipe
+from ..scheme import ModuleScheme
+from .quant.rtn import quantize_rtn
+from .sparsity.vnm import vnm_compress
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Plan:
+    """What compress will do: the scheme of every compressed module plus the tensors kept as they are."""
+
+    schemes: dict[str, ModuleScheme]
+    dense: dict[str, tuple[tuple[int, ...], int]]  # name -> (shape, bytes as stored)
+    bf16_bytes: int
+
+    @property
+    def packed_bytes(self) -> int:
+        return sum(s.nbytes() for s in self.schemes.values()) + sum(b for _, b in self.dense.values())
+
+
+def _dtype_bytes(ckpt: Checkpoint, name: str) -> int:
+    dt = ckpt._handles[ckpt.weight_map[name]].get_slice(name).get_dtype()
+    return {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}.get(dt, 4)
+
+
+def make_plan(ckpt: Checkpoint, recipe: Recipe) -> Plan:
+    """Decide every Linear's scheme from the recipe; shapes come from the checkpoint and are checked against the config."""
+    with torch.device("meta"):
+        model = build_model(ckpt.config)
+    dtype = ckpt.dtype()
+    schemes: dict[str, ModuleScheme] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or f"{name}.weight" not in ckpt.weight_map:
+            continue
+        shape = ckpt.shape(f"{name}.weight")
+        if tuple(shape) != (module.out_features, module.in_features):
+            raise CheckpointError(f"{ckpt.path}: tensor '{name}.weight' is {list(shape)}, config.json implies "
+                                  f"{[module.out_features, module.in_features]}")
+        scheme = recipe.scheme_for(name, (shape[0], shape[1]), dtype, module.bias is not None,
+                                   keep_dense=ckpt.architecture.keep_dense)
+        if scheme is not None:
+            schemes[name] = scheme
+    owned = {f"{m}.{s}" for m in schemes for s in ("weight", "bias")}
+    dense = {n: (ckpt.shape(n), math.prod(ckpt.shape(n)) * _dtype_bytes(ckpt, n))
+             for n in ckpt.keys() if n not in owned}
+    for m, s in schemes.items():  # a compressed module's bias is stored with it
+        if s.bias:
+            dense.pop(f"{m}.bias", None)
+    return Plan(schemes, dense, ckpt.nbytes_bf16())
+
+
+def compress_module(weight: torch.Tensor, scheme: ModuleScheme) -> dict[str, torch.Tensor]:
+    """Pack one Linear weight [R, K] into the tensors its scheme stores (without bias)."""
+    out: dict[str, torch.Tensor] = {}
+    w = weight.float()
+    if scheme.vnm is not None:
+        vnm = vnm_compress(w, scheme.vnm)
+        out["columns"] = vnm["columns"]
+        out["positions"] = pack_2bit(vnm["positions"].reshape(w.shape[0], -1))
+        w = vnm["values"]
+        if scheme.bits is None:
+            out["values"] = w.to(TORCH_DTYPES[scheme.dtype])
+    if scheme.bits is not None:
+        codes, scales = quantize_rtn(w, scheme.bits, scheme.group)
+        out["qweight"] = pack_int(codes, scheme.bits)
+        out["scales"] = scales
+    return out
+
+
+def _quantization_config(recipe: Recipe, plan: Plan) -> dict:
+    spec = recipe.vnm_spec
+    return {
+        "quant_method": "lowc",
+        "format_version": "1.0",
+        "bits": recipe.wbits,
+        "group_size": recipe.group if recipe.wbits else None,
+        "sym": True,
+        "sparsity": None if spec is None else {"format": "vnm", "v": spec.v, "n": spec.n, "m": spec.m},
+        "modules_to_not_convert": sorted({n.rsplit(".", 1)[0] for n in plan.dense if n.endswith(".weight")}),
+    }
+
+
+def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict | None = None, *,
+             force: bool = False, progress: bool = True, tags: tuple[str, ...] = (), **options) -> Path:
+    """Compress a Hugging Face checkpoint directory into a lowc artifact directory and return its path.
+
+    `recipe` (a Recipe or dict) says what to do; keyword options (vnm="64:2:5", wbits=6, group=128, skip=[...])
+    build or override it. Nothing is written unless the whole artifact is written: the output appears atomically.
+    """
+    if isinstance(recipe, dict):
+        recipe = Recipe.from_dict(recipe)
+    if options:
+        recipe = Recipe.from_dict({**(recipe.to_dict() if recipe else {}), **options}, where="options")
+    recipe = recipe or Recipe()
+    if recipe.is_noop:
+        raise UsageError("nothing to do: give --vnm and/or --wbits (or a --recipe that sets them)")
+    out = Path(output).absolute()
+    check_output_dir(out, force)
+    ckpt = Checkpoint(checkpoint)
+    if out == ckpt.path.absolute():
+        raise UsageError(f"{out}: the output must not be the input checkpoint")
+    plan = make_plan(ckpt, recipe)
+    errors: dict[str, float] = {}
+    with ArtifactWriter(out, force=force) as writer, progress_bar(progress) as bar:
+        task = bar.add_task("compressing", total=len(ckpt.keys()))
+        for name in ckpt.keys():
+            module = name[: -len(".weight")] if name.endswith(".weight") else None
+            if module in plan.schemes:
+                scheme = plan.schemes[module]
+                weight = ckpt.get(name)
+                packed = compress_module(weight, scheme)
+                for suffix, t in packed.items():
+                    writer.add(f"{module}.{suffix}", t)
+                w = weight.float()
+                errors[module] = float((dense_weight(packed, scheme) - w).norm() / w.norm().clamp_min(1e-30))
+            else:
+                writer.add(name, ckpt.get(name))
+            bar.advance(task)
+        for f in ckpt.tokenizer_files():
+            writer.copy_file(f)
+        writer.write_json("config.json", {**ckpt.config, "quantization_config": _quantization_config(recipe, plan)})
+        metrics = {
+            "bf16_bytes": plan.bf16_bytes,
+            "packed_bytes": plan.packed_bytes,
+            "ratio_vs_bf16": plan.packed_bytes / plan.bf16_bytes,
+            "weight_rel_error_mean": sum(errors.values()) / max(1, len(errors)),
+            "weight_rel_error": errors,
+        }
+        manifest = {
+            "producer": producer_info(),
+            "architecture": ckpt.architecture.name,
+            "kind": ckpt.kind,
+            "config": ckpt.config,
+            "source": {"path": str(ckpt.path.absolute()), "dtype": ckpt.dtype(), "bf16_bytes": plan.bf16_bytes},
+            "recipe": recipe.to_dict(),
+            "modules": {m: s.to_json() for m, s in plan.schemes.items()},
+            "metrics": metrics,
+            "tags": list(tags),
+        }
+        return writer.finish(manifest)
+
+
+__all__ = ["compress", "make_plan", "compress_module", "Plan"]

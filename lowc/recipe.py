@@ -1,0 +1,102 @@
+"""A compression recipe: what to do to which modules. Loaded from YAML/JSON or built from CLI flags."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .compress.sparsity.vnm import VNMSpec
+from .errors import UsageError
+from .kernels.packing import SUPPORTED_BITS
+from .scheme import ModuleScheme
+
+IMPORTANCE_METHODS = ("magnitude",)
+
+
+@dataclass
+class Recipe:
+    """What `lowc compress` does.
+
+    vnm: a V:N:M pattern such as "64:2:5" (None keeps weights dense). wbits: 4, 6 or 8 for symmetric integer
+    weights per output channel per `group` input columns (None keeps floats). skip: fnmatch patterns of module
+    names that stay dense, on top of the architecture's defaults (embeddings, lm_head).
+    """
+
+    vnm: str | None = None
+    wbits: int | None = None
+    group: int = 128
+    skip: list[str] = field(default_factory=list)
+    importance: str = "magnitude"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def vnm_spec(self) -> VNMSpec | None:
+        return None if self.vnm is None else VNMSpec.parse(self.vnm)
+
+    def validate(self) -> None:
+        if self.vnm is not None:
+            self.vnm = str(VNMSpec.parse(str(self.vnm), flag="--vnm"))
+        if self.wbits is not None:
+            if isinstance(self.wbits, bool) or not isinstance(self.wbits, int) or self.wbits not in SUPPORTED_BITS:
+                raise UsageError(f"--wbits: expected one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.wbits!r}")
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 16 or self.group % 16:
+            raise UsageError(f"--group: expected a positive multiple of 16 (e.g. 64, 128), got {self.group!r}")
+        if isinstance(self.skip, str):
+            self.skip = [self.skip]
+        if not isinstance(self.skip, list) or not all(isinstance(s, str) for s in self.skip):
+            raise UsageError(f"--skip: expected module-name patterns, got {self.skip!r}")
+        if self.importance not in IMPORTANCE_METHODS:
+            raise UsageError(f"--importance: expected one of {', '.join(IMPORTANCE_METHODS)}, got {self.importance!r}")
+
+    @property
+    def is_noop(self) -> bool:
+        return self.vnm is None and self.wbits is None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "recipe") -> "Recipe":
+        if not isinstance(data, dict):
+            raise UsageError(f"{where}: expected a mapping of recipe options, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"{where}: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        try:
+            return cls(**data)
+        except UsageError as e:
+            raise UsageError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        """Read a recipe from YAML (.yaml/.yml) or JSON."""
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"--recipe: no such file {path}")
+        text = path.read_text()
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # yaml/json parse errors carry line info in their message
+            raise UsageError(f"--recipe: {path} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {str(e).splitlines()[0]}") from None
+        return cls.from_dict(data or {}, where=f"--recipe {path}")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def scheme_for(self, name: str, shape: tuple[int, int], dtype: str, bias: bool,
+                   keep_dense: tuple[str, ...] = ()) -> ModuleScheme | None:
+        """The scheme for one Linear module, or None when it stays as it is."""
+        if self.is_noop or any(fnmatch.fnmatchcase(name, p) for p in (*keep_dense, *self.skip)):
+            return None
+        return ModuleScheme(name=name, shape=shape, vnm=self.vnm_spec, bits=self.wbits, group=self.group,
+                            dtype=dtype, bias=bias)

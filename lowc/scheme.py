@@ -1,0 +1,115 @@
+"""How one Linear module is stored in an artifact: its V:N:M pattern, bit width, group and tensor layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .compress.sparsity.vnm import VNMSpec
+from .errors import ArtifactError, UsageError
+from .kernels.packing import SUPPORTED_BITS, packed_columns
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1}
+
+
+@dataclass(frozen=True)
+class ModuleScheme:
+    """The storage scheme of one compressed Linear: weight [R, K], optional V:N:M, optional integer bits."""
+
+    name: str
+    shape: tuple[int, int]
+    vnm: VNMSpec | None = None
+    bits: int | None = None
+    group: int = 128
+    dtype: str = "bfloat16"  # dtype of float tensors kept as floats (V:N:M values without bits, bias)
+    bias: bool = False
+
+    @property
+    def stored_columns(self) -> int:
+        """Columns of the matrix that is quantized: K for dense weights, 2*Kp/M kept values for V:N:M."""
+        if self.vnm is None:
+            return self.shape[1]
+        return 2 * (self.vnm.padded_shape(*self.shape)[1] // self.vnm.m)
+
+    @property
+    def density(self) -> float:
+        return 1.0 if self.vnm is None else self.vnm.density
+
+    def expected_tensors(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Suffix -> (shape, dtype) of every tensor this module stores; the artifact's contract."""
+        rows, cols = self.shape
+        out: dict[str, tuple[tuple[int, ...], str]] = {}
+        c = self.stored_columns
+        if self.vnm is not None:
+            rp, kp = self.vnm.padded_shape(rows, cols)
+            kb = kp // self.vnm.m
+            out["columns"] = ((rp // self.vnm.v, kb, 4), "uint8")
+            out["positions"] = ((rows, packed_columns(2 * kb, 2)), "uint8")
+            if self.bits is None:
+                out["values"] = ((rows, c), self.dtype)
+        if self.bits is not None:
+            out["qweight"] = ((rows, packed_columns(c, self.bits)), "int8" if self.bits == 8 else "uint8")
+            out["scales"] = ((rows, -(-c // self.group)), "float16")
+        if self.vnm is None and self.bits is None:
+            out["weight"] = ((rows, cols), self.dtype)
+        if self.bias:
+            out["bias"] = ((rows,), self.dtype)
+        return out
+
+    def nbytes(self) -> int:
+        total = 0
+        for shape, dtype in self.expected_tensors().values():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n * DTYPE_BYTES[dtype]
+        return total
+
+    def label(self) -> str:
+        parts = []
+        if self.vnm is not None:
+            parts.append(f"V:N:M {self.vnm}")
+        if self.bits is not None:
+            parts.append(f"W{self.bits} g{self.group}")
+        return " + ".join(parts) or "dense"
+
+    def to_json(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "vnm": None if self.vnm is None else str(self.vnm),
+            "bits": self.bits,
+            "group": self.group,
+            "dtype": self.dtype,
+            "bias": self.bias,
+        }
+
+    @classmethod
+    def from_json(cls, name: str, data: object) -> "ModuleScheme":
+        """Validate a manifest entry; anything malformed raises ArtifactError naming the module."""
+        where = f"lowc.json: module '{name}'"
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{where}: expected an object")
+        shape = data.get("shape")
+        if (not isinstance(shape, list) or len(shape) != 2
+                or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s < 2**31 for s in shape)):
+            raise ArtifactError(f"{where}: 'shape' must be two positive integers, got {shape!r}")
+        vnm = None
+        if data.get("vnm") is not None:
+            try:
+                vnm = VNMSpec.parse(data["vnm"], flag=f"{where}: 'vnm'")
+            except UsageError as e:
+                raise ArtifactError(str(e)) from None
+        bits = data.get("bits")
+        if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS):
+            raise ArtifactError(f"{where}: 'bits' must be one of {SUPPORTED_BITS} or null, got {bits!r}")
+        group = data.get("group", 128)
+        if not isinstance(group, int) or isinstance(group, bool) or group < 1 or group > 2**20:
+            raise ArtifactError(f"{where}: 'group' must be a positive integer, got {group!r}")
+        dtype = data.get("dtype", "bfloat16")
+        if dtype not in ("bfloat16", "float16", "float32"):
+            raise ArtifactError(f"{where}: 'dtype' must be bfloat16, float16 or float32, got {dtype!r}")
+        bias = data.get("bias", False)
+        if not isinstance(bias, bool):
+            raise ArtifactError(f"{where}: 'bias' must be true or false, got {bias!r}")
+        if vnm is None and bits is None:
+            raise ArtifactError(f"{where}: a compressed module needs 'vnm' or 'bits'")
+        return cls(name, (shape[0], shape[1]), vnm, bits, group, dtype, bias)
