@@ -5,18 +5,10 @@ Public API: `compress`, `load`, `Recipe`; the `lowc` command mirrors it.
 
 __version__ = "0.1.0"
 
-
-def __getattr__(name):  # keep `import lowc` light: torch-heavy modules load on first use
-    if name == "compress":
-        from .compress.pipeline import compress
-        return compress
-    if name == "load":
-        from .runtime.load import load
-        return load
-    if name == "Recipe":
-        from .recipe import Recipe
-        return Recipe
-    raise AttributeError(f"module 'lowc' has no attribute {name!r}")
-
+# `compress` is also the name of the lowc.compress subpackage: importing the function here binds the public name
+# to the function once and for all (later submodule imports do not rebind it).
+from .compress.pipeline import compress  # noqa: E402
+from .recipe import Recipe  # noqa: E402
+from .runtime.load import load  # noqa: E402
 
 __all__ = ["compress", "load", "Recipe", "__version__"]

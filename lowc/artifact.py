@@ -169,7 +169,24 @@ class Artifact:
         self.recipe = self._require(dict, "recipe")
         modules = self._require(dict, "modules")
         self.schemes = {name: ModuleScheme.from_json(name, entry) for name, entry in modules.items()}
+        self._check_modules_against_config()
         self._open_tensors()
+
+    def _check_modules_against_config(self) -> None:
+        """Every compressed module must be a Linear of the model its config builds, with the same shape."""
+        with torch.device("meta"):
+            try:
+                model = self.architecture.build(self.config)
+            except LowcError as e:
+                raise ArtifactError(f"{self.path / MANIFEST}: config: {e}") from None
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        for name, scheme in self.schemes.items():
+            m = linears.get(name)
+            if m is None:
+                raise ArtifactError(f"{self.path / MANIFEST}: module '{name}' is not a Linear of a {self.architecture.name}")
+            if (m.out_features, m.in_features) != scheme.shape or (m.bias is not None) != scheme.bias:
+                raise ArtifactError(f"{self.path / MANIFEST}: module '{name}' is {list(scheme.shape)} (bias {scheme.bias}), "
+                                    f"the config implies {[m.out_features, m.in_features]} (bias {m.bias is not None})")
 
     # -- manifest structure -------------------------------------------------------------------------------------
     def _read_manifest(self) -> dict:

@@ -47,7 +47,7 @@ class Checkpoint:
             raise UsageError(f"{self.path}: expected a Hugging Face model directory (config.json + *.safetensors)")
         config_path = self.path / "config.json"
         if not config_path.is_file():
-            raise CheckpointError(f"{self.path}: not a Hugging Face checkpoint (no config.json)")
+            raise UsageError(f"{self.path}: not a Hugging Face checkpoint directory (no config.json)")
         self.config = read_json(config_path)
         self.architecture: Architecture = architecture_of(self.config, where=str(config_path))
         self._handles = {}

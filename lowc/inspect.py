@@ -1,0 +1,42 @@
+"""What `lowc inspect` reports about an artifact: per-module schemes and sizes, totals against bf16."""
+
+from __future__ import annotations
+
+import math
+
+from .artifact import Artifact
+
+
+def describe(art: Artifact) -> dict:
+    """A JSON-ready description of an artifact (the data behind `lowc inspect` and `--json`)."""
+    modules = []
+    for name, s in art.schemes.items():
+        modules.append({
+            "name": name, "shape": list(s.shape), "scheme": s.label(), "vnm": None if s.vnm is None else str(s.vnm),
+            "density": s.density, "bits": s.bits, "group": s.group if s.bits else None, "bytes": s.nbytes(),
+            "bf16_bytes": 2 * math.prod(s.shape),
+        })
+    dense = art.dense_tensor_names()
+    dense_bytes = 0
+    for name in dense:
+        shape, dtype = art.tensor_info(name)
+        dense_bytes += math.prod(shape) * {"float32": 4, "float64": 8, "int64": 8, "int32": 4}.get(dtype, 2 if "16" in dtype else 1)
+    on_disk = art.nbytes()
+    bf16 = art.source.get("bf16_bytes")
+    return {
+        "path": str(art.path),
+        "format_version": art.manifest.get("format_version"),
+        "producer": art.manifest.get("producer", {}),
+        "architecture": art.architecture.name,
+        "kind": art.kind,
+        "recipe": art.recipe,
+        "modules": modules,
+        "dense_tensors": {"count": len(dense), "bytes": dense_bytes},
+        "totals": {
+            "bytes_on_disk": on_disk,
+            "bf16_bytes": bf16,
+            "ratio_vs_bf16": on_disk / bf16 if isinstance(bf16, (int, float)) and bf16 > 0 else None,
+            "compressed_modules": len(modules),
+        },
+        "metrics": {k: v for k, v in art.metrics.items() if k != "weight_rel_error"},
+    }

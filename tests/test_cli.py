@@ -1,0 +1,174 @@
+"""The lowc command line end to end on a tiny checkpoint, and every bad input it must refuse cleanly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_LLAMA, make_tiny_llama, run_cli
+
+
+def assert_clean_failure(code: int, err: str, expected_code: int, *needles: str) -> None:
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert code == expected_code, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def no_leftovers(parent: Path) -> bool:
+    return not [p for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_compress_inspect_eval_run(tiny_llama, tiny_text, tmp_path, capsys):
+    out = tmp_path / "art"
+    code, _, err = run_cli(["compress", tiny_llama, "--vnm", "16:2:5", "--wbits", "6", "--group", "32", "-o", out, "-q"], capsys)
+    assert code == 0, err
+    assert (out / "lowc.json").is_file() and (out / "tokenizer.json").is_file()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["sparsity"] == {"format": "vnm", "v": 16, "n": 2, "m": 5}
+
+    code, stdout, _ = run_cli(["inspect", out, "--json"], capsys)
+    info = json.loads(stdout)
+    assert code == 0 and info["totals"]["compressed_modules"] == 14
+    assert {m["scheme"] for m in info["modules"]} == {"V:N:M 16:2:5 + W6 g32"}
+    assert 0 < info["totals"]["ratio_vs_bf16"] < 1
+    code, stdout, _ = run_cli(["inspect", out], capsys)
+    assert code == 0 and "model.layers.1.mlp.down_proj" in stdout and "ratio" in stdout
+
+    code, stdout, err = run_cli(["eval", out, "--data", tiny_text, "--seqlen", "32", "--json"], capsys)
+    assert code == 0, err
+    ppl = json.loads(stdout)
+    code, stdout, _ = run_cli(["eval", tiny_llama, "--data", tiny_text, "--seqlen", "32", "--json"], capsys)
+    dense = json.loads(stdout)
+    assert ppl["tokens"] == dense["tokens"] > 100
+    assert ppl["perplexity"] != pytest.approx(dense["perplexity"], rel=1e-6)  # the artifact is really compressed
+
+    code, stdout, err = run_cli(["run", out, "--prompt", "the city of", "-n", "5"], capsys)
+    assert code == 0, err
+    assert stdout.startswith("the city of") and len(stdout.split()) > 3
+
+
+def test_dry_run_writes_nothing(tiny_llama, tmp_path, capsys):
+    code, stdout, err = run_cli(["compress", tiny_llama, "--vnm", "64:2:5", "--wbits", "4", "-o", tmp_path / "x", "--dry-run"], capsys)
+    assert code == 0, err
+    assert "model.layers.0.self_attn.k_proj" in stdout and "estimated artifact size" in stdout
+    assert not (tmp_path / "x").exists()
+
+
+def test_recipe_file_and_skip(tiny_llama, tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text("vnm: '16:2:8'\nwbits: 8\nskip: ['*.down_proj']\n")
+    out = tmp_path / "art"
+    code, _, err = run_cli(["compress", tiny_llama, "--recipe", tmp_path / "r.yaml", "--wbits", "4", "-o", out, "-q"], capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "lowc.json").read_text())
+    assert manifest["recipe"]["wbits"] == 4 and manifest["recipe"]["vnm"] == "16:2:8"  # flags override the file
+    assert not any(m.endswith("down_proj") for m in manifest["modules"])
+    assert len(manifest["modules"]) == 12
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--vnm", "64:3:5"], 2, "--vnm"), (["--vnm", "0:2:5"], 2, "--vnm"), (["--vnm", "64:2:3"], 2, "--vnm"),
+    (["--wbits", "5"], 2, "--wbits"), (["--wbits", "six"], 2, "wbits"), ([], 2, "nothing to do"),
+])
+def test_malformed_flags(tiny_llama, tmp_path, capsys, args, code, needle):
+    rc, _, err = run_cli(["compress", tiny_llama, "-o", tmp_path / "o", *args], capsys)
+    assert_clean_failure(rc, err, code, needle)
+    assert not (tmp_path / "o").exists() and no_leftovers(tmp_path)
+
+
+def test_missing_path(tmp_path, capsys):
+    rc, _, err = run_cli(["compress", tmp_path / "nope", "--wbits", "6", "-o", tmp_path / "o"], capsys)
+    assert_clean_failure(rc, err, 2, "nope", "no such file")
+    rc, _, err = run_cli(["eval", tmp_path / "nope", "--data", tmp_path / "nope.txt"], capsys)
+    assert_clean_failure(rc, err, 2, "nope")
+
+
+def test_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run_cli(["compress", tmp_path / "empty", "--wbits", "6", "-o", tmp_path / "o"], capsys)
+    assert_clean_failure(rc, err, 2, "empty", "config.json")
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    path = tmp_path / "gpt2"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    rc, _, err = run_cli(["compress", path, "--wbits", "6", "-o", tmp_path / "o"], capsys)
+    assert_clean_failure(rc, err, 1, "GPT2LMHeadModel", "LlamaForCausalLM", "BertModel")
+
+
+def test_existing_output_refused_without_force(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    rc, _, err = run_cli(["compress", tiny_llama, "--wbits", "6", "-o", out], capsys)
+    assert_clean_failure(rc, err, 2, "already exists", "--force")
+    rc, _, err = run_cli(["compress", tiny_llama, "--wbits", "6", "-o", out, "--force"], capsys)
+    assert_clean_failure(rc, err, 2, "not a lowc artifact")
+    assert (out / "precious.txt").read_text() == "keep me"
+    # an existing artifact is replaced with --force
+    art = tmp_path / "art"
+    assert run_cli(["compress", tiny_llama, "--wbits", "8", "-o", art, "-q"], capsys)[0] == 0
+    assert run_cli(["compress", tiny_llama, "--wbits", "4", "-o", art, "-q", "--force"], capsys)[0] == 0
+    assert json.loads((art / "lowc.json").read_text())["recipe"]["wbits"] == 4
+    assert no_leftovers(tmp_path)
+
+
+def test_truncated_shard(tiny_llama, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama, ckpt)
+    shard = sorted(ckpt.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    rc, _, err = run_cli(["compress", ckpt, "--wbits", "6", "-o", tmp_path / "o"], capsys)
+    assert_clean_failure(rc, err, 1, shard.name, "truncated or corrupted")
+    assert not (tmp_path / "o").exists() and no_leftovers(tmp_path)
+
+
+def test_nan_weight_is_named(tmp_path, capsys):
+    ckpt = make_tiny_llama(tmp_path / "ckpt", max_shard_bytes=10**9)
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    save_file(tensors, ckpt / "model.safetensors")
+    rc, _, err = run_cli(["compress", ckpt, "--wbits", "6", "-o", tmp_path / "o"], capsys)
+    assert_clean_failure(rc, err, 1, "model.layers.1.mlp.up_proj.weight", "NaN or Inf")
+    assert not (tmp_path / "o").exists() and no_leftovers(tmp_path)
+
+
+def test_corrupted_artifact_refused_by_every_command(tiny_llama, tiny_text, tmp_path, capsys):
+    art = tmp_path / "art"
+    assert run_cli(["compress", tiny_llama, "--wbits", "6", "-o", art, "-q"], capsys)[0] == 0
+    (art / "tokenizer.json").write_text((art / "tokenizer.json").read_text().replace("school", "scho0l"))
+    for args in (["inspect", art], ["eval", art, "--data", tiny_text], ["run", art, "--prompt", "the"]):
+        rc, _, err = run_cli(args, capsys)
+        assert_clean_failure(rc, err, 1, "tokenizer.json", "sha256")
+
+
+def test_real_process_exit_codes(tmp_path):
+    """The installed entry point: one line on stderr, exit 2, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "lowc.cli", "compress", str(tmp_path / "nope"), "--wbits", "6",
+                           "-o", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert_clean_failure(proc.returncode, proc.stderr, 2, "no such file")
+
+
+def test_generation_matches_dense_model_when_nothing_is_pruned(tiny_llama, tmp_path):
+    """INT8 weights with 16-token groups barely move the logits: greedy tokens match the checkpoint's."""
+    import lowc
+    from lowc.runtime.generate import SamplingConfig, generate_ids
+
+    art = lowc.compress(tiny_llama, tmp_path / "a", wbits=8, group=16, progress=False)
+    dense, packed = lowc.load(tiny_llama), lowc.load(art)
+    prompt = dense.tokenizer.encode_prompt("the first city of the world")
+    cfg = SamplingConfig(max_new_tokens=8)
+    assert list(generate_ids(dense, prompt, cfg)) == list(generate_ids(packed, prompt, cfg))
+    ids = torch.tensor([prompt])
+    rel = (dense(ids) - packed(ids)).norm() / dense(ids).norm()
+    assert 0 < float(rel) < 0.02
