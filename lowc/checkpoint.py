@@ -99,6 +99,10 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handles[self.weight_map[name]].get_slice(name).get_shape())
 
+    def safetensors_dtype(self, name: str) -> str:
+        """The dtype tag of a tensor as stored (BF16, F16, F32, I64, ...), read from the header only."""
+        return self._handles[self.weight_map[name]].get_slice(name).get_dtype()
+
     def get(self, name: str, check_finite: bool = True) -> torch.Tensor:
         """Read one tensor (memory-mapped); NaN/Inf in a floating tensor raises CheckpointError naming it."""
         file = self.weight_map[name]
@@ -119,8 +123,9 @@ class Checkpoint:
         declared = self.config.get("torch_dtype") or self.config.get("dtype")
         if declared in ("bfloat16", "float16", "float32"):
             return declared
-        first = next(n for n in self.weight_map if self._handles[self.weight_map[n]].get_slice(n).get_dtype() in ("BF16", "F16", "F32"))
-        return {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[self._handles[self.weight_map[first]].get_slice(first).get_dtype()]
+        tags = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+        first = next((n for n in self.weight_map if self.safetensors_dtype(n) in tags), None)
+        return "float32" if first is None else tags[self.safetensors_dtype(first)]
 
     def nbytes_bf16(self) -> int:
         """Bytes the checkpoint's floating weights take in bf16 (the baseline sizes are compared against)."""

@@ -59,19 +59,22 @@ def cli(verbose: bool) -> None:
 @click.option("--wbits", type=int, help="Integer weight bits: 4, 6 or 8 (symmetric, per output channel per group).")
 @click.option("--group", type=int, help="Input columns per quantization group (default 128).")
 @click.option("--skip", multiple=True, help="Module-name pattern to keep dense (fnmatch, repeatable), e.g. '*.down_proj'.")
+@click.option("--dense-dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+              help="dtype of tensors kept as floats (embeddings, norms, skipped layers); auto keeps the checkpoint's.")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="YAML or JSON recipe; flags override it.")
 @click.option("--dry-run", is_flag=True, help="Print the per-module plan and the size estimate; write nothing.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is an existing lowc artifact.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def compress(checkpoint: Path, output: Path | None, vnm: str | None, wbits: int | None, group: int | None,
-             skip: tuple[str, ...], recipe_file: Path | None, dry_run: bool, force: bool, quiet: bool) -> None:
+             skip: tuple[str, ...], dense_dtype: str | None, recipe_file: Path | None, dry_run: bool, force: bool,
+             quiet: bool) -> None:
     """Compress a Hugging Face CHECKPOINT directory into a lowc artifact."""
     from .checkpoint import Checkpoint
     from .compress.pipeline import compress as run_compress, make_plan
     from .recipe import Recipe
 
     data = Recipe.from_file(recipe_file).to_dict() if recipe_file else {}
-    for key, value in (("vnm", vnm), ("wbits", wbits), ("group", group)):
+    for key, value in (("vnm", vnm), ("wbits", wbits), ("group", group), ("dense_dtype", dense_dtype)):
         if value is not None:
             data[key] = value
     if skip:

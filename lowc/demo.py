@@ -34,7 +34,7 @@ def _is_demo_artifact(path: Path) -> bool:
         return False
 
 
-def run_demo(output: str | Path = "lowc-demo", vnm: str | None = None, wbits: int | None = 6) -> dict:
+def run_demo(output: str | Path = "lowc-demo", vnm: str | None = None, wbits: int | None = 6, group: int = 128) -> dict:
     """Compress MiniLM into `output`, print the inspect table and the embedding fidelity; return the metrics."""
     from .cli import _print_inspect
     from .compress.pipeline import compress
@@ -47,7 +47,7 @@ def run_demo(output: str | Path = "lowc-demo", vnm: str | None = None, wbits: in
     out = Path(output).absolute()
     if out.exists() and not _is_demo_artifact(out):
         raise UsageError(f"-o/--output: {out} exists and is not a previous lowc demo artifact; choose another path")
-    recipe = Recipe(vnm=vnm, wbits=wbits)
+    recipe = Recipe(vnm=vnm, wbits=wbits, group=group, dense_dtype="bfloat16")
     console.print(f"compressing all-MiniLM-L6-v2 ({source}) with {recipe.vnm or 'no sparsity'}, "
                   f"W{recipe.wbits or 16} g{recipe.group}")
     compress(source, out, recipe, force=out.exists(), tags=(DEMO_TAG,))

@@ -13,6 +13,7 @@ from .kernels.packing import SUPPORTED_BITS
 from .scheme import ModuleScheme
 
 IMPORTANCE_METHODS = ("magnitude",)
+DENSE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -21,7 +22,9 @@ class Recipe:
 
     vnm: a V:N:M pattern such as "64:2:5" (None keeps weights dense). wbits: 4, 6 or 8 for symmetric integer
     weights per output channel per `group` input columns (None keeps floats). skip: fnmatch patterns of module
-    names that stay dense, on top of the architecture's defaults (embeddings, lm_head).
+    names that stay dense, on top of the architecture's defaults (embeddings, lm_head). dense_dtype: the dtype of
+    every tensor stored as floats (embeddings, norms, skipped layers, unquantized V:N:M values); "auto" keeps the
+    checkpoint's.
     """
 
     vnm: str | None = None
@@ -29,6 +32,7 @@ class Recipe:
     group: int = 128
     skip: list[str] = field(default_factory=list)
     importance: str = "magnitude"
+    dense_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -51,6 +55,8 @@ class Recipe:
             raise UsageError(f"--skip: expected module-name patterns, got {self.skip!r}")
         if self.importance not in IMPORTANCE_METHODS:
             raise UsageError(f"--importance: expected one of {', '.join(IMPORTANCE_METHODS)}, got {self.importance!r}")
+        if self.dense_dtype not in DENSE_DTYPES:
+            raise UsageError(f"--dense-dtype: expected one of {', '.join(DENSE_DTYPES)}, got {self.dense_dtype!r}")
 
     @property
     def is_noop(self) -> bool:

@@ -35,4 +35,4 @@ def test_more_bits_less_error():
         codes, scales = quantize_rtn(w, bits, 128)
         errs.append(float((dequantize_int(pack_int(codes, bits), scales, bits, 128, 512) - w).norm() / w.norm()))
     assert errs[0] > errs[1] > errs[2]
-    assert errs[1] < 0.03  # INT6 g128 on gaussian weights: ~1.4% relative error
+    assert errs[1] < 0.035  # INT6 g128 on gaussian weights: step absmax/31 with absmax ~3 sigma, ~2.7% error

@@ -36,16 +36,23 @@ class Plan:
         return sum(s.nbytes() for s in self.schemes.values()) + sum(b for _, b in self.dense.values())
 
 
-def _dtype_bytes(ckpt: Checkpoint, name: str) -> int:
-    dt = ckpt._handles[ckpt.weight_map[name]].get_slice(name).get_dtype()
+def _stored_bytes(ckpt: Checkpoint, name: str, recipe: Recipe) -> int:
+    """Bytes per element of a tensor kept as it is (floats converted to the recipe's dense_dtype)."""
+    dt = ckpt.safetensors_dtype(name)
+    if dt in ("BF16", "F16", "F32", "F64") and recipe.dense_dtype != "auto":
+        return 4 if recipe.dense_dtype == "float32" else 2
     return {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}.get(dt, 4)
+
+
+def _as_dense_dtype(t: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    return t.to(TORCH_DTYPES[recipe.dense_dtype]) if t.is_floating_point() and recipe.dense_dtype != "auto" else t
 
 
 def make_plan(ckpt: Checkpoint, recipe: Recipe) -> Plan:
     """Decide every Linear's scheme from the recipe; shapes come from the checkpoint and are checked against the config."""
     with torch.device("meta"):
         model = build_model(ckpt.config)
-    dtype = ckpt.dtype()
+    dtype = ckpt.dtype() if recipe.dense_dtype == "auto" else recipe.dense_dtype
     schemes: dict[str, ModuleScheme] = {}
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or f"{name}.weight" not in ckpt.weight_map:
@@ -59,7 +66,7 @@ def make_plan(ckpt: Checkpoint, recipe: Recipe) -> Plan:
         if scheme is not None:
             schemes[name] = scheme
     owned = {f"{m}.{s}" for m in schemes for s in ("weight", "bias")}
-    dense = {n: (ckpt.shape(n), math.prod(ckpt.shape(n)) * _dtype_bytes(ckpt, n))
+    dense = {n: (ckpt.shape(n), math.prod(ckpt.shape(n)) * _stored_bytes(ckpt, n, recipe))
              for n in ckpt.keys() if n not in owned}
     for m, s in schemes.items():  # a compressed module's bias is stored with it
         if s.bias:
@@ -132,7 +139,7 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
                 w = weight.float()
                 errors[module] = float((dense_weight(packed, scheme) - w).norm() / w.norm().clamp_min(1e-30))
             else:
-                writer.add(name, ckpt.get(name))
+                writer.add(name, _as_dense_dtype(ckpt.get(name), recipe))
             bar.advance(task)
         for f in ckpt.tokenizer_files():
             writer.copy_file(f)
