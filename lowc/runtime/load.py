@@ -70,6 +70,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if missing:
         raise error(f"{path}: missing weights for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     model.eval().requires_grad_(False)
+    if schemes:
+        log.info("%d packed modules compute through the reference kernels (plain torch on %s)", len(schemes), device)
     model.lowc_path = path
     model.lowc_config = config
     model.lowc_manifest = manifest
