@@ -73,36 +73,67 @@ def _pad2d(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, cols - x.shape[1], 0, rows - x.shape[0]))
 
 
-def _top2(x: torch.Tensor) -> torch.Tensor:
-    """Indices (ascending) of the 2 largest entries along the last dim of size 4; ties go to the lower index."""
-    order = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :2]
-    return torch.sort(order, dim=-1).values
+@lru_cache(maxsize=None)
+def _subset_pairs(m: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Each 4-subset {i<j<k<l} split into the pairs (i,j) and (k,l), as indices into all C(M,2) pairs."""
+    pairs = list(itertools.combinations(range(m), 2))
+    index = {p: n for n, p in enumerate(pairs)}
+    subsets = column_subsets(m).tolist()
+    first = torch.tensor([index[(a, b)] for a, b, _, _ in subsets])
+    second = torch.tensor([index[(c, d)] for _, _, c, d in subsets])
+    return first, second, pairs
 
 
-def vnm_mask(importance: torch.Tensor, spec: VNMSpec, chunk_elements: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+def _top2_positions(x: torch.Tensor) -> torch.Tensor:
+    """Positions (ascending) of the 2 largest of the 4 entries on the last dim; ties go to the lower position."""
+    cols = x.unbind(-1)
+    kept = []
+    for i in range(4):
+        beaten = sum(((cols[j] > cols[i]) | ((cols[j] == cols[i]) & (j < i))).to(torch.int8) for j in range(4) if j != i)
+        kept.append(beaten < 2)
+    kept = torch.stack(kept, dim=-1)
+    first = kept.to(torch.int8).argmax(-1)
+    last = 3 - kept.flip(-1).to(torch.int8).argmax(-1)
+    return torch.stack([first, last], dim=-1)
+
+
+def vnm_mask(importance: torch.Tensor, spec: VNMSpec, chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose kept columns and 2:4 positions that retain the most importance.
 
     For every V x M block all C(M,4) column subsets are scored by the importance their 2:4 pruning keeps (the sum
-    over the V rows of each row's two largest entries) and the best is kept, as VENOM's mask builder does.
+    over the V rows of each row's two largest entries) and the best is kept, as VENOM's mask builder does; ties go
+    to the lexicographically first subset. A row's top-2 of a subset {i,j,k,l} is max(max(wi,wj) + max(wk,wl),
+    wi + wj, wk + wl), so every subset is scored from C(M,2) pair sums and maxima without gathering.
     Returns (columns uint8 [Rp/V, Kp/M, 4], positions uint8 [R, Kp/M, 2]); positions index into the 4 kept columns.
     """
     rows, cols = importance.shape
     rp, kp = spec.padded_shape(rows, cols)
-    v, m = spec.v, spec.m
+    v, m, kb = spec.v, spec.m, kp // spec.m
     imp = _pad2d(importance.detach().float().abs(), rp, kp)
-    blocks = imp.reshape(rp // v, v, kp // m, m)
-    subsets = column_subsets(m).to(imp.device)
-    per_row_block = v * (kp // m) * subsets.numel()
-    step = max(1, chunk_elements // max(1, per_row_block))
-    best = []
-    for start in range(0, rp // v, step):
-        chunk = blocks[start:start + step]  # [rb, V, Kb, M]
-        cand = chunk[..., subsets]  # [rb, V, Kb, C, 4]
-        kept = torch.topk(cand, 2, dim=-1).values.sum(-1).sum(1)  # [rb, Kb, C]
-        best.append(kept.argmax(-1))
-    columns = subsets[torch.cat(best)]  # [Rp/V, Kb, 4]
+    first, second, pairs = _subset_pairs(m)
+    best = torch.empty(rp // v, kb, dtype=torch.long, device=imp.device)
+    step = max(v, chunk_rows // v * v)
+    for r0 in range(0, rp, step):
+        # column-major blocks [M, rows, Kb] so that picking a column is a contiguous slice
+        blk = imp[r0:r0 + step].reshape(-1, kb, m).permute(2, 0, 1).contiguous()
+        pair_sum = torch.stack([blk[i] + blk[j] for i, j in pairs])
+        pair_max = torch.stack([torch.maximum(blk[i], blk[j]) for i, j in pairs])
+        top_score = None
+        for c in range(len(first)):
+            f, s2 = int(first[c]), int(second[c])
+            row_top2 = torch.maximum(pair_max[f] + pair_max[s2], torch.maximum(pair_sum[f], pair_sum[s2]))
+            score = row_top2.reshape(-1, v, kb).sum(1)
+            if top_score is None:
+                top_score, choice = score, torch.zeros_like(score, dtype=torch.long)
+            else:
+                better = score > top_score
+                top_score = torch.where(better, score, top_score)
+                choice = torch.where(better, c, choice)
+        best[r0 // v:(r0 + blk.shape[1]) // v] = choice
+    columns = column_subsets(m).to(imp.device)[best]  # [Rp/V, Kb, 4]
+    blocks = imp.reshape(rp // v, v, kb, m)
     chosen = torch.gather(blocks, 3, columns.unsqueeze(1).expand(-1, v, -1, -1))  # [Rb, V, Kb, 4]
-    positions = _top2(chosen).reshape(rp, kp // m, 2)[:rows]
+    positions = _top2_positions(chosen).reshape(rp, kb, 2)[:rows]
     return columns.to(torch.uint8), positions.to(torch.uint8)
 
 
