@@ -59,6 +59,11 @@ def cli(verbose: bool) -> None:
 @click.option("--wbits", type=int, help="Integer weight bits: 4, 6 or 8 (symmetric, per output channel per group).")
 @click.option("--group", type=int, help="Input columns per quantization group (default 128).")
 @click.option("--skip", multiple=True, help="Module-name pattern to keep dense (fnmatch, repeatable), e.g. '*.down_proj'.")
+@click.option("--importance", type=click.Choice(["magnitude", "wanda", "ria"]),
+              help="What V:N:M pruning keeps: |W| (default), Wanda |W|*||x|| or RIA; the last two need --calib.")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text file (one sample per line or raw text).")
+@click.option("--calib-samples", type=int, help="Calibration windows (default 128).")
+@click.option("--calib-seqlen", type=int, help="Tokens per calibration window (default min(2048, max positions)).")
 @click.option("--dense-dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
               help="dtype of tensors kept as floats (embeddings, norms, skipped layers); auto keeps the checkpoint's.")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="YAML or JSON recipe; flags override it.")
@@ -66,7 +71,8 @@ def cli(verbose: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is an existing lowc artifact.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def compress(checkpoint: Path, output: Path | None, vnm: str | None, wbits: int | None, group: int | None,
-             skip: tuple[str, ...], dense_dtype: str | None, recipe_file: Path | None, dry_run: bool, force: bool,
+             skip: tuple[str, ...], importance: str | None, calib: Path | None, calib_samples: int | None,
+             calib_seqlen: int | None, dense_dtype: str | None, recipe_file: Path | None, dry_run: bool, force: bool,
              quiet: bool) -> None:
     """Compress a Hugging Face CHECKPOINT directory into a lowc artifact."""
     from .checkpoint import Checkpoint
@@ -74,7 +80,10 @@ def compress(checkpoint: Path, output: Path | None, vnm: str | None, wbits: int 
     from .recipe import Recipe
 
     data = Recipe.from_file(recipe_file).to_dict() if recipe_file else {}
-    for key, value in (("vnm", vnm), ("wbits", wbits), ("group", group), ("dense_dtype", dense_dtype)):
+    options = (("vnm", vnm), ("wbits", wbits), ("group", group), ("dense_dtype", dense_dtype), ("importance", importance),
+               ("calib", None if calib is None else str(calib)), ("calib_samples", calib_samples),
+               ("calib_seqlen", calib_seqlen))
+    for key, value in options:
         if value is not None:
             data[key] = value
     if skip:

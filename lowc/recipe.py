@@ -12,7 +12,7 @@ from .errors import UsageError
 from .kernels.packing import SUPPORTED_BITS
 from .scheme import ModuleScheme
 
-IMPORTANCE_METHODS = ("magnitude",)
+from .compress.sparsity.importance import METHODS as IMPORTANCE_METHODS, NEEDS_CALIBRATION
 DENSE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -24,7 +24,8 @@ class Recipe:
     weights per output channel per `group` input columns (None keeps floats). skip: fnmatch patterns of module
     names that stay dense, on top of the architecture's defaults (embeddings, lm_head). dense_dtype: the dtype of
     every tensor stored as floats (embeddings, norms, skipped layers, unquantized V:N:M values); "auto" keeps the
-    checkpoint's.
+    checkpoint's. importance: magnitude, wanda or ria (the latter two need `calib`, a text file, of which
+    `calib_samples` windows of `calib_seqlen` tokens are used; seqlen defaults to min(2048, max positions)).
     """
 
     vnm: str | None = None
@@ -33,6 +34,9 @@ class Recipe:
     skip: list[str] = field(default_factory=list)
     importance: str = "magnitude"
     dense_dtype: str = "auto"
+    calib: str | None = None
+    calib_samples: int = 128
+    calib_seqlen: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -55,8 +59,21 @@ class Recipe:
             raise UsageError(f"--skip: expected module-name patterns, got {self.skip!r}")
         if self.importance not in IMPORTANCE_METHODS:
             raise UsageError(f"--importance: expected one of {', '.join(IMPORTANCE_METHODS)}, got {self.importance!r}")
+        if self.importance != "magnitude" and self.vnm is None:
+            raise UsageError(f"--importance {self.importance}: importance scores choose what --vnm prunes; give --vnm too")
+        if self.importance in NEEDS_CALIBRATION and not self.calib:
+            raise UsageError(f"--importance {self.importance}: needs calibration text, give --calib FILE")
+        if self.calib is not None:
+            self.calib = str(self.calib)
+        for name, value in (("--calib-samples", self.calib_samples), ("--calib-seqlen", self.calib_seqlen)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UsageError(f"{name}: expected a positive integer, got {value!r}")
         if self.dense_dtype not in DENSE_DTYPES:
             raise UsageError(f"--dense-dtype: expected one of {', '.join(DENSE_DTYPES)}, got {self.dense_dtype!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.vnm is not None and self.importance in NEEDS_CALIBRATION
 
     @property
     def is_noop(self) -> bool:

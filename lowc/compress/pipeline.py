@@ -17,7 +17,9 @@ from ..kernels.reference import dense_weight
 from ..models import build_model
 from ..recipe import Recipe
 from ..scheme import ModuleScheme
+from .calibration import calibration_ids, input_norms
 from .quant.rtn import quantize_rtn
+from .sparsity.importance import importance_scores
 from .sparsity.vnm import vnm_compress
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -74,12 +76,16 @@ def make_plan(ckpt: Checkpoint, recipe: Recipe) -> Plan:
     return Plan(schemes, dense, ckpt.nbytes_bf16())
 
 
-def compress_module(weight: torch.Tensor, scheme: ModuleScheme) -> dict[str, torch.Tensor]:
-    """Pack one Linear weight [R, K] into the tensors its scheme stores (without bias)."""
+def compress_module(weight: torch.Tensor, scheme: ModuleScheme,
+                    importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Pack one Linear weight [R, K] into the tensors its scheme stores (without bias).
+
+    `importance` [R, K] decides what V:N:M pruning keeps (default: magnitude).
+    """
     out: dict[str, torch.Tensor] = {}
     w = weight.float()
     if scheme.vnm is not None:
-        vnm = vnm_compress(w, scheme.vnm)
+        vnm = vnm_compress(w, scheme.vnm, importance)
         out["columns"] = vnm["columns"]
         out["positions"] = pack_2bit(vnm["positions"].reshape(w.shape[0], -1))
         w = vnm["values"]
@@ -90,6 +96,27 @@ def compress_module(weight: torch.Tensor, scheme: ModuleScheme) -> dict[str, tor
         out["qweight"] = pack_int(codes, scheme.bits)
         out["scales"] = scales
     return out
+
+
+def _calibrate(ckpt: Checkpoint, recipe: Recipe, plan: Plan, progress: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """Input-channel norms of every planned module, measured on the dense model with the recipe's calibration text."""
+    from ..runtime.load import load
+
+    model = load(ckpt.path)
+    if model.tokenizer is None:
+        raise CheckpointError(f"{ckpt.path}: calibration needs the checkpoint's tokenizer.json")
+    seqlen = recipe.calib_seqlen or min(2048, model.config.max_position_embeddings)
+    if seqlen > model.config.max_position_embeddings:
+        raise UsageError(f"--calib-seqlen: {seqlen} exceeds the model's max_position_embeddings "
+                         f"({model.config.max_position_embeddings})")
+    ids = calibration_ids(model.tokenizer, recipe.calib, recipe.calib_samples, seqlen)
+    norms = input_norms(model, ids, progress=progress)
+    missing = [m for m, s in plan.schemes.items() if s.vnm is not None and m not in norms]
+    if missing:
+        raise UsageError(f"--importance {recipe.importance}: no calibration statistics for {', '.join(missing[:3])} "
+                         "(only Linears inside the decoder/encoder layers are calibrated; --skip them)")
+    return norms, {"file": str(Path(recipe.calib).absolute()), "samples": recipe.calib_samples, "seqlen": seqlen,
+                   "tokens": int(ids.numel())}
 
 
 def _quantization_config(recipe: Recipe, plan: Plan) -> dict:
@@ -125,6 +152,7 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
     if out == ckpt.path.absolute():
         raise UsageError(f"{out}: the output must not be the input checkpoint")
     plan = make_plan(ckpt, recipe)
+    norms, calibration = _calibrate(ckpt, recipe, plan, progress) if recipe.needs_calibration else ({}, None)
     errors: dict[str, float] = {}
     with ArtifactWriter(out, force=force) as writer, progress_bar(progress) as bar:
         task = bar.add_task("compressing", total=len(ckpt.keys()))
@@ -133,7 +161,10 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
             if module in plan.schemes:
                 scheme = plan.schemes[module]
                 weight = ckpt.get(name)
-                packed = compress_module(weight, scheme)
+                score = None
+                if scheme.vnm is not None and recipe.importance != "magnitude":
+                    score = importance_scores(weight, recipe.importance, norms[module])
+                packed = compress_module(weight, scheme, score)
                 for suffix, t in packed.items():
                     writer.add(f"{module}.{suffix}", t)
                 w = weight.float()
@@ -151,6 +182,8 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
             "weight_rel_error_mean": sum(errors.values()) / max(1, len(errors)),
             "weight_rel_error": errors,
         }
+        if calibration is not None:
+            metrics["calibration"] = calibration
         manifest = {
             "producer": producer_info(),
             "architecture": ckpt.architecture.name,
