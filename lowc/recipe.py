@@ -37,17 +37,40 @@ class Recipe:
     calib: str | None = None
     calib_samples: int = 128
     calib_seqlen: int | None = None
+    sparsity: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
 
     @property
+    def vnm_auto(self) -> bool:
+        return self.vnm == "auto"
+
+    @property
     def vnm_spec(self) -> VNMSpec | None:
-        return None if self.vnm is None else VNMSpec.parse(self.vnm)
+        """The fixed V:N:M pattern (None without sparsity or with `vnm: auto`, which is chosen per layer type)."""
+        return None if self.vnm is None or self.vnm_auto else VNMSpec.parse(self.vnm)
+
+    @property
+    def auto_m(self) -> int:
+        from .compress.sparsity.select import m_for_sparsity
+
+        return m_for_sparsity(self.sparsity)
 
     def validate(self) -> None:
-        if self.vnm is not None:
+        if self.vnm == "auto":
+            if self.sparsity is None:
+                raise UsageError("--vnm auto: give --sparsity S (fraction of weights pruned, 0.5 to 0.875)")
+            if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+                raise UsageError(f"--sparsity: expected a number, got {self.sparsity!r}")
+            self.sparsity = float(self.sparsity)
+            self.auto_m  # validates the range
+        elif self.vnm is not None:
             self.vnm = str(VNMSpec.parse(str(self.vnm), flag="--vnm"))
+            if self.sparsity is not None:
+                raise UsageError("--sparsity goes with --vnm auto; a fixed V:N:M pattern sets the sparsity itself")
+        elif self.sparsity is not None:
+            raise UsageError("--sparsity goes with --vnm auto")
         if self.wbits is not None:
             if isinstance(self.wbits, bool) or not isinstance(self.wbits, int) or self.wbits not in SUPPORTED_BITS:
                 raise UsageError(f"--wbits: expected one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.wbits!r}")
@@ -117,9 +140,9 @@ class Recipe:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def scheme_for(self, name: str, shape: tuple[int, int], dtype: str, bias: bool,
-                   keep_dense: tuple[str, ...] = ()) -> ModuleScheme | None:
-        """The scheme for one Linear module, or None when it stays as it is."""
+                   keep_dense: tuple[str, ...] = (), vnm: VNMSpec | None = None) -> ModuleScheme | None:
+        """The scheme for one Linear module, or None when it stays as it is; `vnm` overrides the recipe's pattern."""
         if self.is_noop or any(fnmatch.fnmatchcase(name, p) for p in (*keep_dense, *self.skip)):
             return None
-        return ModuleScheme(name=name, shape=shape, vnm=self.vnm_spec, bits=self.wbits, group=self.group,
+        return ModuleScheme(name=name, shape=shape, vnm=vnm or self.vnm_spec, bits=self.wbits, group=self.group,
                             dtype=dtype, bias=bias)

@@ -20,6 +20,8 @@ from ..scheme import ModuleScheme
 from .calibration import calibration_ids, input_norms
 from .quant.rtn import quantize_rtn
 from .sparsity.importance import importance_scores
+from .sparsity.select import layer_type, select_vnm
+from .sparsity.vnm import VNMSpec
 from .sparsity.vnm import vnm_compress
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -50,8 +52,12 @@ def _as_dense_dtype(t: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     return t.to(TORCH_DTYPES[recipe.dense_dtype]) if t.is_floating_point() and recipe.dense_dtype != "auto" else t
 
 
-def make_plan(ckpt: Checkpoint, recipe: Recipe) -> Plan:
-    """Decide every Linear's scheme from the recipe; shapes come from the checkpoint and are checked against the config."""
+def make_plan(ckpt: Checkpoint, recipe: Recipe, vnm_by_type: dict[str, VNMSpec] | None = None) -> Plan:
+    """Decide every Linear's scheme from the recipe; shapes come from the checkpoint and are checked against the config.
+
+    With `vnm: auto`, `vnm_by_type` (from `select_vnm`) gives the pattern of each layer type; without it the plan uses
+    V=16 and the recipe's M, the candidate set the selection starts from.
+    """
     with torch.device("meta"):
         model = build_model(ckpt.config)
     dtype = ckpt.dtype() if recipe.dense_dtype == "auto" else recipe.dense_dtype
@@ -63,8 +69,11 @@ def make_plan(ckpt: Checkpoint, recipe: Recipe) -> Plan:
         if tuple(shape) != (module.out_features, module.in_features):
             raise CheckpointError(f"{ckpt.path}: tensor '{name}.weight' is {list(shape)}, config.json implies "
                                   f"{[module.out_features, module.in_features]}")
+        vnm = None
+        if recipe.vnm_auto:
+            vnm = (vnm_by_type or {}).get(layer_type(name), VNMSpec(16, 2, recipe.auto_m))
         scheme = recipe.scheme_for(name, (shape[0], shape[1]), dtype, module.bias is not None,
-                                   keep_dense=ckpt.architecture.keep_dense)
+                                   keep_dense=ckpt.architecture.keep_dense, vnm=vnm)
         if scheme is not None:
             schemes[name] = scheme
     owned = {f"{m}.{s}" for m in schemes for s in ("weight", "bias")}
@@ -120,14 +129,16 @@ def _calibrate(ckpt: Checkpoint, recipe: Recipe, plan: Plan, progress: bool) -> 
 
 
 def _quantization_config(recipe: Recipe, plan: Plan) -> dict:
-    spec = recipe.vnm_spec
+    specs = {s.vnm for s in plan.schemes.values() if s.vnm is not None}
+    spec = next(iter(specs)) if len(specs) == 1 else None
     return {
         "quant_method": "lowc",
         "format_version": "1.0",
         "bits": recipe.wbits,
         "group_size": recipe.group if recipe.wbits else None,
         "sym": True,
-        "sparsity": None if spec is None else {"format": "vnm", "v": spec.v, "n": spec.n, "m": spec.m},
+        "sparsity": None if not specs else {"format": "vnm", "v": spec.v if spec else "per-module", "n": 2,
+                                            "m": spec.m if spec else sorted({s.m for s in specs})},
         "modules_to_not_convert": sorted({n.rsplit(".", 1)[0] for n in plan.dense if n.endswith(".weight")}),
     }
 
@@ -153,6 +164,18 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
         raise UsageError(f"{out}: the output must not be the input checkpoint")
     plan = make_plan(ckpt, recipe)
     norms, calibration = _calibrate(ckpt, recipe, plan, progress) if recipe.needs_calibration else ({}, None)
+
+    def importance(module: str, weight: torch.Tensor) -> torch.Tensor | None:
+        if recipe.importance == "magnitude":
+            return None
+        return importance_scores(weight, recipe.importance, norms[module])
+
+    selection = None
+    if recipe.vnm_auto:
+        scores = {m: importance(m, ckpt.get(f"{m}.weight")) for m in plan.schemes}
+        scores = {m: ckpt.get(f"{m}.weight").float().abs() if s is None else s for m, s in scores.items()}
+        vnm_by_type, selection = select_vnm(scores, recipe.auto_m)
+        plan = make_plan(ckpt, recipe, vnm_by_type)
     errors: dict[str, float] = {}
     with ArtifactWriter(out, force=force) as writer, progress_bar(progress) as bar:
         task = bar.add_task("compressing", total=len(ckpt.keys()))
@@ -161,9 +184,7 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
             if module in plan.schemes:
                 scheme = plan.schemes[module]
                 weight = ckpt.get(name)
-                score = None
-                if scheme.vnm is not None and recipe.importance != "magnitude":
-                    score = importance_scores(weight, recipe.importance, norms[module])
+                score = importance(module, weight) if scheme.vnm is not None else None
                 packed = compress_module(weight, scheme, score)
                 for suffix, t in packed.items():
                     writer.add(f"{module}.{suffix}", t)
@@ -184,6 +205,8 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
         }
         if calibration is not None:
             metrics["calibration"] = calibration
+        if selection is not None:
+            metrics["vnm_selection"] = selection
         manifest = {
             "producer": producer_info(),
             "architecture": ckpt.architecture.name,
