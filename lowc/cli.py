@@ -185,8 +185,7 @@ def run(path: Path, prompt: str, max_new_tokens: int, temperature: float, top_p:
     cfg.validate()
     model = load(path, device=device)
     click.echo(prompt, nl=False)
-    generate(model, prompt, cfg, on_text=lambda piece: click.echo(
-        piece if piece[:1] in ".,;:!?'\")]" or piece.startswith(" ") else " " + piece, nl=False))
+    generate(model, prompt, cfg, on_text=lambda piece: click.echo(piece, nl=False))
     click.echo()
 
 

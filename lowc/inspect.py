@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from .artifact import Artifact
+from .scheme import DTYPE_BYTES
 
 
 def describe(art: Artifact) -> dict:
@@ -20,7 +21,7 @@ def describe(art: Artifact) -> dict:
     dense_bytes = 0
     for name in dense:
         shape, dtype = art.tensor_info(name)
-        dense_bytes += math.prod(shape) * {"float32": 4, "float64": 8, "int64": 8, "int32": 4}.get(dtype, 2 if "16" in dtype else 1)
+        dense_bytes += math.prod(shape) * DTYPE_BYTES.get(dtype, 4)
     on_disk = art.nbytes()
     bf16 = art.source.get("bf16_bytes")
     return {

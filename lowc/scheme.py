@@ -8,7 +8,8 @@ from .compress.sparsity.vnm import VNMSpec
 from .errors import ArtifactError, UsageError
 from .kernels.packing import SUPPORTED_BITS, packed_columns
 
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "uint8": 1, "int8": 1, "int32": 4,
+               "int64": 8, "bool": 1}
 
 
 @dataclass(frozen=True)

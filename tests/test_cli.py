@@ -172,3 +172,16 @@ def test_generation_matches_dense_model_when_nothing_is_pruned(tiny_llama, tmp_p
     ids = torch.tensor([prompt])
     rel = (dense(ids) - packed(ids)).norm() / dense(ids).norm()
     assert 0 < float(rel) < 0.02
+
+
+def test_streamed_pieces_add_up_to_the_generated_text(tiny_llama):
+    import lowc
+    from lowc.runtime.generate import SamplingConfig, generate
+
+    model = lowc.load(tiny_llama)
+    pieces: list[str] = []
+    text = generate(model, "the school of", SamplingConfig(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=0),
+                    on_text=pieces.append)
+    assert pieces and "".join(pieces) == text
+    again = generate(model, "the school of", SamplingConfig(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=0))
+    assert again == text  # seeded sampling is reproducible

@@ -75,20 +75,27 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], cfg: SamplingCon
 
 def generate(model: torch.nn.Module, prompt: str, cfg: SamplingConfig | None = None,
              on_text: Callable[[str], None] | None = None) -> str:
-    """Generate a continuation of `prompt`; `on_text` receives each new piece of text as soon as it decodes."""
+    """Generate a continuation of `prompt` and return it.
+
+    `on_text` receives each new piece of the continuation as soon as it decodes, spaced exactly as the tokenizer
+    joins it to what came before (pieces are diffs of the decoded prompt + continuation, so subwords attach).
+    """
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise LowcError("this model has no tokenizer.json; generation needs one")
     cfg = cfg or SamplingConfig()
+    prompt_ids = tok.encode_prompt(prompt)
+    prefix = tok.decode(prompt_ids)
     out: list[int] = []
-    shown = ""
-    for token in generate_ids(model, tok.encode_prompt(prompt), cfg):
+    shown = prefix
+    for token in generate_ids(model, prompt_ids, cfg):
         out.append(token)
-        text = tok.decode(out)
-        if on_text is not None and len(text) > len(shown) and text.startswith(shown):
-            on_text(text[len(shown):])
+        text = tok.decode(prompt_ids + out)
+        if text.startswith(shown) and len(text) > len(shown):
+            if on_text is not None:
+                on_text(text[len(shown):])
             shown = text
-    text = tok.decode(out)
-    if on_text is not None and text != shown and text.startswith(shown):
+    text = tok.decode(prompt_ids + out)
+    if on_text is not None and text.startswith(shown) and text != shown:
         on_text(text[len(shown):])
-    return text
+    return text[len(prefix):] if text.startswith(prefix) else tok.decode(out)
