@@ -57,6 +57,7 @@ def cli(verbose: bool) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact directory to create.")
 @click.option("--vnm", help="V:N:M sparsity, e.g. 64:2:5 (density 2/M; M=4 is 2:4), or 'auto' with --sparsity.")
 @click.option("--sparsity", type=float, help="With --vnm auto: fraction of weights to prune (0.5-0.875); V and M are chosen per layer type.")
+@click.option("--pad-rows", is_flag=True, default=None, help="Pad layers whose rows are not a multiple of V with zero rows (else an error).")
 @click.option("--wbits", type=int, help="Integer weight bits: 4, 6 or 8 (symmetric, per output channel per group).")
 @click.option("--group", type=int, help="Input columns per quantization group (default 128).")
 @click.option("--skip", multiple=True, help="Module-name pattern to keep dense (fnmatch, repeatable), e.g. '*.down_proj'.")
@@ -71,7 +72,8 @@ def cli(verbose: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the per-module plan and the size estimate; write nothing.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is an existing lowc artifact.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: float | None, wbits: int | None, group: int | None,
+def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: float | None, pad_rows: bool | None,
+             wbits: int | None, group: int | None,
              skip: tuple[str, ...], importance: str | None, calib: Path | None, calib_samples: int | None,
              calib_seqlen: int | None, dense_dtype: str | None, recipe_file: Path | None, dry_run: bool, force: bool,
              quiet: bool) -> None:
@@ -83,7 +85,7 @@ def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: f
     data = Recipe.from_file(recipe_file).to_dict() if recipe_file else {}
     options = (("vnm", vnm), ("wbits", wbits), ("group", group), ("dense_dtype", dense_dtype), ("importance", importance),
                ("calib", None if calib is None else str(calib)), ("calib_samples", calib_samples),
-               ("calib_seqlen", calib_seqlen), ("sparsity", sparsity))
+               ("calib_seqlen", calib_seqlen), ("sparsity", sparsity), ("pad_rows", pad_rows))
     for key, value in options:
         if value is not None:
             data[key] = value

@@ -38,6 +38,7 @@ class Recipe:
     calib_samples: int = 128
     calib_seqlen: int | None = None
     sparsity: float | None = None
+    pad_rows: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,6 +92,8 @@ class Recipe:
         for name, value in (("--calib-samples", self.calib_samples), ("--calib-seqlen", self.calib_seqlen)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise UsageError(f"{name}: expected a positive integer, got {value!r}")
+        if not isinstance(self.pad_rows, bool):
+            raise UsageError(f"--pad-rows: expected true or false, got {self.pad_rows!r}")
         if self.dense_dtype not in DENSE_DTYPES:
             raise UsageError(f"--dense-dtype: expected one of {', '.join(DENSE_DTYPES)}, got {self.dense_dtype!r}")
 

@@ -58,10 +58,21 @@ def test_compress_inspect_eval_run(tiny_llama, tiny_text, tmp_path, capsys):
 
 
 def test_dry_run_writes_nothing(tiny_llama, tmp_path, capsys):
-    code, stdout, err = run_cli(["compress", tiny_llama, "--vnm", "64:2:5", "--wbits", "4", "-o", tmp_path / "x", "--dry-run"], capsys)
+    code, stdout, err = run_cli(["compress", tiny_llama, "--vnm", "64:2:5", "--pad-rows", "--wbits", "4", "-o", tmp_path / "x",
+                                 "--dry-run"], capsys)
     assert code == 0, err
     assert "model.layers.0.self_attn.k_proj" in stdout and "estimated artifact size" in stdout
     assert not (tmp_path / "x").exists()
+
+
+def test_v_not_dividing_rows_names_the_layer(tiny_llama, tmp_path, capsys):
+    rc, _, err = run_cli(["compress", tiny_llama, "--vnm", "64:2:5", "-o", tmp_path / "o"], capsys)
+    assert_clean_failure(rc, err, 2, "model.layers.0.self_attn.k_proj", "32 rows", "--pad-rows")
+    assert not (tmp_path / "o").exists()
+    rc, _, err = run_cli(["compress", tiny_llama, "--vnm", "64:2:5", "--pad-rows", "-o", tmp_path / "o", "-q"], capsys)
+    assert rc == 0, err
+    k = json.loads((tmp_path / "o" / "lowc.json").read_text())["modules"]["model.layers.0.self_attn.k_proj"]
+    assert k["shape"] == [32, 64] and k["vnm"] == "64:2:5"
 
 
 def test_recipe_file_and_skip(tiny_llama, tmp_path, capsys):

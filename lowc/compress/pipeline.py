@@ -74,6 +74,9 @@ def make_plan(ckpt: Checkpoint, recipe: Recipe, vnm_by_type: dict[str, VNMSpec] 
             vnm = (vnm_by_type or {}).get(layer_type(name), VNMSpec(16, 2, recipe.auto_m))
         scheme = recipe.scheme_for(name, (shape[0], shape[1]), dtype, module.bias is not None,
                                    keep_dense=ckpt.architecture.keep_dense, vnm=vnm)
+        if scheme is not None and scheme.vnm is not None and shape[0] % scheme.vnm.v and not recipe.pad_rows:
+            raise UsageError(f"--vnm {scheme.vnm}: {name} has {shape[0]} rows, not a multiple of V={scheme.vnm.v}; "
+                             "choose a V that divides it or pass --pad-rows to pad with zero rows")
         if scheme is not None:
             schemes[name] = scheme
     owned = {f"{m}.{s}" for m in schemes for s in ("weight", "bias")}
@@ -174,7 +177,7 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
     if recipe.vnm_auto:
         scores = {m: importance(m, ckpt.get(f"{m}.weight")) for m in plan.schemes}
         scores = {m: ckpt.get(f"{m}.weight").float().abs() if s is None else s for m, s in scores.items()}
-        vnm_by_type, selection = select_vnm(scores, recipe.auto_m)
+        vnm_by_type, selection = select_vnm(scores, recipe.auto_m, pad_rows=recipe.pad_rows)
         plan = make_plan(ckpt, recipe, vnm_by_type)
     errors: dict[str, float] = {}
     with ArtifactWriter(out, force=force) as writer, progress_bar(progress) as bar:

@@ -42,9 +42,12 @@ def kept_fraction(importance: torch.Tensor, spec: VNMSpec) -> tuple[float, float
     return float(kept), float(importance.float().abs().sum())
 
 
-def select_vnm(importance: dict[str, torch.Tensor], m: int, tolerance: float = 0.01,
-               samples_per_type: int = 4) -> tuple[dict[str, VNMSpec], dict]:
-    """Choose V per layer type from the importance kept; returns ({type: spec}, report for the manifest)."""
+def select_vnm(importance: dict[str, torch.Tensor], m: int, tolerance: float = 0.01, samples_per_type: int = 4,
+               pad_rows: bool = False) -> tuple[dict[str, VNMSpec], dict]:
+    """Choose V per layer type from the importance kept; returns ({type: spec}, report for the manifest).
+
+    Without `pad_rows` only the Vs that divide the row count of every module of a type are candidates.
+    """
     by_type: dict[str, list[str]] = {}
     for name in importance:
         by_type.setdefault(layer_type(name), []).append(name)
@@ -53,13 +56,18 @@ def select_vnm(importance: dict[str, torch.Tensor], m: int, tolerance: float = 0
     for kind, names in by_type.items():
         step = max(1, len(names) // samples_per_type)
         sample = names[::step][:samples_per_type]
+        candidates = [v for v in V_CHOICES if pad_rows or all(importance[n].shape[0] % v == 0 for n in names)]
+        if not candidates:
+            rows = sorted({importance[n].shape[0] for n in names})
+            raise UsageError(f"--vnm auto: {kind} has {rows} rows, which no V in {V_CHOICES} divides; "
+                             "pass --pad-rows to pad with zero rows")
         kept = {}
-        for v in V_CHOICES:
+        for v in candidates:
             spec = VNMSpec(v, 2, m)
             totals = [kept_fraction(importance[n], spec) for n in sample]
             kept[v] = sum(k for k, _ in totals) / max(1e-30, sum(t for _, t in totals))
         best = max(kept.values())
-        v = max(v for v in V_CHOICES if kept[v] >= best * (1 - tolerance))
+        v = max(v for v in candidates if kept[v] >= best * (1 - tolerance))
         choice[kind] = VNMSpec(v, 2, m)
         report[kind] = {"vnm": str(choice[kind]), "kept_fraction": {str(k): round(f, 5) for k, f in kept.items()},
                         "sampled_modules": sample}
