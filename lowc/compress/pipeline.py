@@ -175,8 +175,7 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
 
     selection = None
     if recipe.vnm_auto:
-        scores = {m: importance(m, ckpt.get(f"{m}.weight")) for m in plan.schemes}
-        scores = {m: ckpt.get(f"{m}.weight").float().abs() if s is None else s for m, s in scores.items()}
+        scores = {m: importance_scores(ckpt.get(f"{m}.weight"), recipe.importance, norms.get(m)) for m in plan.schemes}
         vnm_by_type, selection = select_vnm(scores, recipe.auto_m, pad_rows=recipe.pad_rows)
         plan = make_plan(ckpt, recipe, vnm_by_type)
     errors: dict[str, float] = {}
