@@ -23,7 +23,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
     "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json", "chat_template.jinja",
 )
-FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def read_json(path: Path, error=CheckpointError) -> dict:

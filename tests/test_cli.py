@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_LLAMA, make_tiny_llama, run_cli
+from conftest import make_tiny_llama, run_cli
 
 
 def assert_clean_failure(code: int, err: str, expected_code: int, *needles: str) -> None:
