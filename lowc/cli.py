@@ -63,6 +63,12 @@ def cli(verbose: bool) -> None:
 @click.option("--skip", multiple=True, help="Module-name pattern to keep dense (fnmatch, repeatable), e.g. '*.down_proj'.")
 @click.option("--importance", type=click.Choice(["magnitude", "wanda", "ria"]),
               help="What V:N:M pruning keeps: |W| (default), Wanda |W|*||x|| or RIA; the last two need --calib.")
+@click.option("--reconstruct", type=click.Choice(["lstsq", "obs"]),
+              help="Refit kept weights to each layer's dense outputs on --calib text: exact least squares per row "
+                   "(lstsq) or SparseGPT's sequential update (obs, faster on wide layers). Default: no refit.")
+@click.option("--permute/--no-permute", default=None,
+              help="V:N:M-aware channel permutation before pruning (default on; folded, the function is unchanged).")
+@click.option("--permute-iterations", type=int, help="Rounds of the permutation search (default 2).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text file (one sample per line or raw text).")
 @click.option("--calib-samples", type=int, help="Calibration windows (default 128).")
 @click.option("--calib-seqlen", type=int, help="Tokens per calibration window (default min(2048, max positions)).")
@@ -74,7 +80,9 @@ def cli(verbose: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: float | None, pad_rows: bool | None,
              wbits: int | None, group: int | None,
-             skip: tuple[str, ...], importance: str | None, calib: Path | None, calib_samples: int | None,
+             skip: tuple[str, ...], importance: str | None, reconstruct: str | None,
+             permute: bool | None, permute_iterations: int | None,
+             calib: Path | None, calib_samples: int | None,
              calib_seqlen: int | None, dense_dtype: str | None, recipe_file: Path | None, dry_run: bool, force: bool,
              quiet: bool) -> None:
     """Compress a Hugging Face CHECKPOINT directory into a lowc artifact."""
@@ -85,7 +93,8 @@ def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: f
     data = Recipe.from_file(recipe_file).to_dict() if recipe_file else {}
     options = (("vnm", vnm), ("wbits", wbits), ("group", group), ("dense_dtype", dense_dtype), ("importance", importance),
                ("calib", None if calib is None else str(calib)), ("calib_samples", calib_samples),
-               ("calib_seqlen", calib_seqlen), ("sparsity", sparsity), ("pad_rows", pad_rows))
+               ("calib_seqlen", calib_seqlen), ("sparsity", sparsity), ("pad_rows", pad_rows), ("permute", permute),
+               ("permute_iterations", permute_iterations), ("reconstruct", reconstruct))
     for key, value in options:
         if value is not None:
             data[key] = value

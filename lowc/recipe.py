@@ -13,6 +13,7 @@ from .kernels.packing import SUPPORTED_BITS
 from .scheme import ModuleScheme
 
 from .compress.sparsity.importance import METHODS as IMPORTANCE_METHODS, NEEDS_CALIBRATION
+RECONSTRUCT_SOLVERS = ("lstsq", "obs")
 DENSE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -26,6 +27,10 @@ class Recipe:
     every tensor stored as floats (embeddings, norms, skipped layers, unquantized V:N:M values); "auto" keeps the
     checkpoint's. importance: magnitude, wanda or ria (the latter two need `calib`, a text file, of which
     `calib_samples` windows of `calib_seqlen` tokens are used; seqlen defaults to min(2048, max positions)).
+    permute: reorder channels before V:N:M pruning so more importance survives (folded into neighbouring layers, so
+    the model's function is unchanged); `permute_iterations` alternating rounds of the search. reconstruct: refit the
+    kept weights of every pruned layer to its dense outputs on the calibration text, layer by layer ("lstsq": exact
+    least squares per row; "obs": SparseGPT's faster sequential update); None prunes without refitting.
     """
 
     vnm: str | None = None
@@ -39,6 +44,9 @@ class Recipe:
     calib_seqlen: int | None = None
     sparsity: float | None = None
     pad_rows: bool = False
+    permute: bool = True
+    permute_iterations: int = 2
+    reconstruct: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -94,12 +102,29 @@ class Recipe:
                 raise UsageError(f"{name}: expected a positive integer, got {value!r}")
         if not isinstance(self.pad_rows, bool):
             raise UsageError(f"--pad-rows: expected true or false, got {self.pad_rows!r}")
+        if self.reconstruct is not None:
+            if self.reconstruct not in RECONSTRUCT_SOLVERS:
+                raise UsageError(f"--reconstruct: expected one of {', '.join(RECONSTRUCT_SOLVERS)}, got {self.reconstruct!r}")
+            if self.vnm is None:
+                raise UsageError(f"--reconstruct {self.reconstruct}: refits pruned weights; give --vnm too")
+            if not self.calib:
+                raise UsageError(f"--reconstruct {self.reconstruct}: needs calibration text, give --calib FILE")
+        if not isinstance(self.permute, bool):
+            raise UsageError(f"--permute: expected true or false, got {self.permute!r}")
+        if isinstance(self.permute_iterations, bool) or not isinstance(self.permute_iterations, int) \
+                or not 1 <= self.permute_iterations <= 20:
+            raise UsageError(f"--permute-iterations: expected an integer from 1 to 20, got {self.permute_iterations!r}")
         if self.dense_dtype not in DENSE_DTYPES:
             raise UsageError(f"--dense-dtype: expected one of {', '.join(DENSE_DTYPES)}, got {self.dense_dtype!r}")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.vnm is not None and self.importance in NEEDS_CALIBRATION
+        return self.vnm is not None and (self.importance in NEEDS_CALIBRATION or self.reconstruct is not None)
+
+    @property
+    def permutes(self) -> bool:
+        """Whether compress runs the V:N:M channel permutation search."""
+        return self.vnm is not None and self.permute
 
     @property
     def is_noop(self) -> bool:

@@ -86,19 +86,28 @@ def tiny_text(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ref_model() -> Path:
     if not (REF_MODEL / "config.json").is_file():
         pytest.skip(f"reference model not present at {REF_MODEL} (../shared is absent in this checkout)")
     return REF_MODEL
 
 
-@pytest.fixture
-def wikitext_test() -> Path:
-    path = WIKITEXT / "test.txt"
+def _wikitext(split: str) -> Path:
+    path = WIKITEXT / f"{split}.txt"
     if not path.is_file():
         pytest.skip(f"WikiText-2 not present at {path} (../shared is absent in this checkout)")
     return path
+
+
+@pytest.fixture(scope="session")
+def wikitext_test() -> Path:
+    return _wikitext("test")
+
+
+@pytest.fixture(scope="session")
+def wikitext_valid() -> Path:
+    return _wikitext("valid")
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:

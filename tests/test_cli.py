@@ -196,3 +196,29 @@ def test_streamed_pieces_add_up_to_the_generated_text(tiny_llama):
     assert pieces and "".join(pieces) == text
     again = generate(model, "the school of", SamplingConfig(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=0))
     assert again == text  # seeded sampling is reproducible
+
+
+def test_permutation_moves_channels_and_keeps_dtypes(tiny_llama, tmp_path, capsys):
+    from lowc.artifact import open_artifact
+    from lowc.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(tiny_llama)
+    for flag in ("--permute", "--no-permute"):
+        out = tmp_path / flag
+        code, _, err = run_cli(["compress", tiny_llama, "--vnm", "16:2:5", flag, "-o", out, "-q"], capsys)
+        assert code == 0, err
+        art = open_artifact(out)
+        metrics = art.manifest["metrics"]
+        embed, norm = art.get("model.embed_tokens.weight"), art.get("model.norm.weight")
+        assert embed.dtype == norm.dtype == torch.bfloat16
+        source = ckpt.get("model.embed_tokens.weight")
+        if flag == "--no-permute":
+            assert "permutation" not in metrics and torch.equal(embed, source)
+            continue
+        report = metrics["permutation"]
+        assert report["kept_after"] > report["kept_before"] and art.manifest["recipe"]["permute"] is True
+        # the residual stream moved: the same hidden channels, in another order, in every tensor that carries it
+        assert not torch.equal(embed, source)
+        order = [int(torch.nonzero((source == embed[:, [j]]).all(0))[0]) for j in range(embed.shape[1])]
+        assert sorted(order) == list(range(embed.shape[1]))
+        assert torch.equal(norm, ckpt.get("model.norm.weight")[order])

@@ -16,7 +16,9 @@ def test_yaml_and_json_give_the_same_recipe(tmp_path):
 
 
 @pytest.mark.parametrize("data,flag", [({"wbits": 5}, "--wbits"), ({"wbits": True}, "--wbits"), ({"group": 0}, "--group"),
-                                       ({"group": 100}, "--group"), ({"vnm": "64:3:5"}, "--vnm"), ({"colour": 1}, "unknown")])
+                                       ({"group": 100}, "--group"), ({"vnm": "64:3:5"}, "--vnm"), ({"colour": 1}, "unknown"),
+                                       ({"vnm": "64:2:5", "permute": "yes"}, "--permute"),
+                                       ({"vnm": "64:2:5", "permute_iterations": 0}, "--permute-iterations")])
 def test_bad_values_rejected(data, flag):
     with pytest.raises(UsageError, match=flag):
         Recipe.from_dict(data)

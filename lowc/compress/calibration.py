@@ -41,7 +41,7 @@ def calibration_ids(tokenizer, path: str | Path, samples: int, seqlen: int) -> t
     return torch.tensor(ids[:need], dtype=torch.long).view(samples, seqlen)
 
 
-def _layers(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> Iterator[tuple[str, torch.nn.Module, callable]]:
+def layer_runners(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> Iterator[tuple[str, torch.nn.Module, callable]]:
     """Yield (prefix, layer, run) where run(x) -> layer output for a batch of hidden states."""
     if model.kind == "decoder":
         body = model.model
@@ -54,7 +54,7 @@ def _layers(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> Itera
             yield f"encoder.layer.{i}", layer, lambda x, layer=layer: layer(x, None)
 
 
-def _embed(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def embed_inputs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     if model.kind == "decoder":
         return model.model.embed_tokens(ids).float()
     return model.embeddings(ids, torch.zeros_like(ids)).float()
@@ -72,8 +72,8 @@ def input_norms(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 8,
             sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
         return record
 
-    hidden = torch.cat([_embed(model, ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)])
-    layers = list(_layers(model, ids, batch_size))
+    hidden = torch.cat([embed_inputs(model, ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)])
+    layers = list(layer_runners(model, ids, batch_size))
     with progress_bar(progress) as bar:
         task = bar.add_task("calibrating", total=len(layers))
         for prefix, layer, run in layers:

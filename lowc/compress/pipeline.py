@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,15 @@ from ..recipe import Recipe
 from ..scheme import ModuleScheme
 from .calibration import calibration_ids, input_norms
 from .quant.rtn import quantize_rtn
-from .sparsity.importance import importance_scores
+from .sparsity.importance import NEEDS_CALIBRATION, importance_scores
+from .sparsity.permute import PermutationReport, permute_model
 from .sparsity.select import layer_type, select_vnm
-from .sparsity.vnm import VNMSpec
-from .sparsity.vnm import vnm_compress
+from .reconstruct import reconstruct_layers
+from .sparsity.vnm import VNMSpec, vnm_compress, vnm_keep_mask
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+log = logging.getLogger("lowc.compress")
 
 
 @dataclass
@@ -110,11 +114,17 @@ def compress_module(weight: torch.Tensor, scheme: ModuleScheme,
     return out
 
 
-def _calibrate(ckpt: Checkpoint, recipe: Recipe, plan: Plan, progress: bool) -> tuple[dict[str, torch.Tensor], dict]:
-    """Input-channel norms of every planned module, measured on the dense model with the recipe's calibration text."""
+def _load_dense(ckpt: Checkpoint) -> torch.nn.Module:
+    """The checkpoint as a float32 torch model (for calibration and channel permutation)."""
     from ..runtime.load import load
 
-    model = load(ckpt.path)
+    return load(ckpt.path)
+
+
+def _calibrate(model: torch.nn.Module, ckpt: Checkpoint, recipe: Recipe, plan: Plan,
+               progress: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+    """Calibration token windows, plus the input-channel norms of every planned module (measured on the dense model)
+    where the importance scores need them."""
     if model.tokenizer is None:
         raise CheckpointError(f"{ckpt.path}: calibration needs the checkpoint's tokenizer.json")
     seqlen = recipe.calib_seqlen or min(2048, model.config.max_position_embeddings)
@@ -122,13 +132,55 @@ def _calibrate(ckpt: Checkpoint, recipe: Recipe, plan: Plan, progress: bool) -> 
         raise UsageError(f"--calib-seqlen: {seqlen} exceeds the model's max_position_embeddings "
                          f"({model.config.max_position_embeddings})")
     ids = calibration_ids(model.tokenizer, recipe.calib, recipe.calib_samples, seqlen)
+    info = {"file": str(Path(recipe.calib).absolute()), "samples": recipe.calib_samples, "seqlen": seqlen,
+            "tokens": int(ids.numel())}
+    if recipe.importance not in NEEDS_CALIBRATION:
+        return ids, {}, info
     norms = input_norms(model, ids, progress=progress)
     missing = [m for m, s in plan.schemes.items() if s.vnm is not None and m not in norms]
     if missing:
         raise UsageError(f"--importance {recipe.importance}: no calibration statistics for {', '.join(missing[:3])} "
                          "(only Linears inside the decoder/encoder layers are calibrated; --skip them)")
-    return norms, {"file": str(Path(recipe.calib).absolute()), "samples": recipe.calib_samples, "seqlen": seqlen,
-                   "tokens": int(ids.numel())}
+    return ids, norms, info
+
+
+def _permute(model: torch.nn.Module, scores: dict[str, torch.Tensor], plan: Plan, recipe: Recipe,
+             progress: bool) -> PermutationReport:
+    """Run the V:N:M channel permutation on the dense model in place; returns the report with permuted scores.
+
+    The search optimises one pattern; with `vnm: auto` and several chosen patterns it uses the one that covers the
+    most weights (the others still gain, less precisely).
+    """
+    weight_of: dict[VNMSpec, int] = {}
+    for s in plan.schemes.values():
+        if s.vnm is not None:
+            weight_of[s.vnm] = weight_of.get(s.vnm, 0) + s.shape[0] * s.shape[1]
+    spec = max(weight_of, key=weight_of.get)
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"permuting channels for {spec}", total=None)
+        report = permute_model(model, scores, spec, iterations=recipe.permute_iterations,
+                               on_step=lambda done, total: bar.update(task, completed=done, total=total))
+    gain = (report.kept_after / report.kept_before - 1) * 100 if report.kept_before else 0.0
+    log.info("channel permutation for %s: %s importance kept %+.2f%% (%d of %d channel groups permuted, %.1f s)",
+             spec, recipe.importance, gain, sum(g.applied for g in report.groups), len(report.groups), report.seconds)
+    return report
+
+
+def _reconstruct(model: torch.nn.Module, ids: torch.Tensor, scores: dict[str, torch.Tensor], plan: Plan,
+                 recipe: Recipe, progress: bool) -> dict:
+    """Prune every V:N:M Linear of the dense model by its scores and refit its kept weights, layer by layer."""
+    sparse = {m for m, s in plan.schemes.items() if s.vnm is not None}
+    errors = reconstruct_layers(model, ids, lambda m, w: vnm_keep_mask(scores[m], plan.schemes[m].vnm), sparse,
+                                solver=recipe.reconstruct, progress=progress)
+    left = sorted(sparse - errors.keys())
+    if left:
+        log.info("reconstruction: %d pruned modules outside the decoder/encoder layers are pruned without refit (%s)",
+                 len(left), ", ".join(left[:3]))
+    mean = sum(errors.values()) / max(1, len(errors))
+    log.info("reconstruction (%s): mean relative output error on calibration data %.4f over %d modules",
+             recipe.reconstruct, mean, len(errors))
+    return {"solver": recipe.reconstruct, "output_rel_error_mean": mean, "output_rel_error": errors,
+            "not_refitted": left}
 
 
 def _quantization_config(recipe: Recipe, plan: Plan) -> dict:
@@ -166,18 +218,38 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
     if out == ckpt.path.absolute():
         raise UsageError(f"{out}: the output must not be the input checkpoint")
     plan = make_plan(ckpt, recipe)
-    norms, calibration = _calibrate(ckpt, recipe, plan, progress) if recipe.needs_calibration else ({}, None)
+    model = _load_dense(ckpt) if recipe.needs_calibration or recipe.permutes else None
+    ids, norms, calibration = (_calibrate(model, ckpt, recipe, plan, progress) if recipe.needs_calibration
+                               else (None, {}, None))
 
-    def importance(module: str, weight: torch.Tensor) -> torch.Tensor | None:
-        if recipe.importance == "magnitude":
-            return None
-        return importance_scores(weight, recipe.importance, norms[module])
+    def importance(module: str, weight: torch.Tensor) -> torch.Tensor:
+        return importance_scores(weight, recipe.importance, norms.get(module))
 
+    sparse = [m for m, s in plan.schemes.items() if s.vnm is not None]
+    scores = {m: importance(m, ckpt.get(f"{m}.weight")) for m in sparse} if model is not None or recipe.vnm_auto else {}
     selection = None
     if recipe.vnm_auto:
-        scores = {m: importance_scores(ckpt.get(f"{m}.weight"), recipe.importance, norms.get(m)) for m in plan.schemes}
         vnm_by_type, selection = select_vnm(scores, recipe.auto_m, pad_rows=recipe.pad_rows)
         plan = make_plan(ckpt, recipe, vnm_by_type)
+    permutation, reconstruction, modified = None, None, {}
+    if recipe.permutes:
+        permutation = _permute(model, scores, plan, recipe, progress)
+        scores = permutation.importance
+    if recipe.reconstruct:
+        reconstruction = _reconstruct(model, ids, scores, plan, recipe, progress)
+    if (permutation is not None and permutation.permutations) or reconstruction is not None:
+        modified = model.state_dict()
+    del model
+
+    def source(name: str) -> torch.Tensor:
+        """A checkpoint tensor as permuted / refitted in memory: compressed weights in float32, the rest in the
+        checkpoint's dtype."""
+        if name not in modified:
+            return ckpt.get(name)
+        if name.endswith(".weight") and name[: -len(".weight")] in plan.schemes:
+            return modified[name].float()
+        return modified[name].to(STORED_DTYPES.get(ckpt.safetensors_dtype(name), modified[name].dtype))
+
     errors: dict[str, float] = {}
     with ArtifactWriter(out, force=force) as writer, progress_bar(progress) as bar:
         task = bar.add_task("compressing", total=len(ckpt.keys()))
@@ -185,15 +257,17 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
             module = name[: -len(".weight")] if name.endswith(".weight") else None
             if module in plan.schemes:
                 scheme = plan.schemes[module]
-                weight = ckpt.get(name)
-                score = importance(module, weight) if scheme.vnm is not None else None
+                weight = source(name)
+                score = None
+                if scheme.vnm is not None:
+                    score = scores.pop(module) if module in scores else importance(module, weight)
                 packed = compress_module(weight, scheme, score)
                 for suffix, t in packed.items():
                     writer.add(f"{module}.{suffix}", t)
                 w = weight.float()
                 errors[module] = float((dense_weight(packed, scheme) - w).norm() / w.norm().clamp_min(1e-30))
             else:
-                writer.add(name, _as_dense_dtype(ckpt.get(name), recipe))
+                writer.add(name, _as_dense_dtype(source(name), recipe))
             bar.advance(task)
         for f in ckpt.tokenizer_files():
             writer.copy_file(f)
@@ -209,6 +283,10 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
             metrics["calibration"] = calibration
         if selection is not None:
             metrics["vnm_selection"] = selection
+        if permutation is not None:
+            metrics["permutation"] = permutation.to_dict()
+        if reconstruction is not None:
+            metrics["reconstruction"] = reconstruction
         manifest = {
             "producer": producer_info(),
             "architecture": ckpt.architecture.name,

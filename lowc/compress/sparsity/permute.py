@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -738,7 +739,8 @@ def _permute_along(t: torch.Tensor, dim: int, index: torch.Tensor, perm: torch.T
 
 
 def permute_model(model: nn.Module, importance: dict[str, torch.Tensor], spec: VNMSpec, iterations: int = 2,
-                  seed: int = 0, allow_output_permutation: bool = False, strict: bool = False) -> PermutationReport:
+                  seed: int = 0, allow_output_permutation: bool = False, strict: bool = False,
+                  on_step: Callable[[int, int], None] | None = None) -> PermutationReport:
     """Permute `model`'s channels in place, where the permutation folds into neighbouring layers, to raise the
     importance kept by V:N:M pruning; the model's function is unchanged (BERT's output channels are reordered only
     with allow_output_permutation=True). `importance` maps Linear names to tensors shaped like their weights; the
@@ -749,7 +751,8 @@ def permute_model(model: nn.Module, importance: dict[str, torch.Tensor], spec: V
     Each of `iterations` rounds runs one search pass on every group in turn (residual stream, then per layer the MLP
     and attention groups), so input and output permutations alternate. A group's objective is the sum of the kept
     importance of its layers; strict=True also refuses any step that lowers a single layer (no layer can end below
-    where it started, but the residual stream, shared by every layer, then rarely moves)."""
+    where it started, but the residual stream, shared by every layer, then rarely moves). `on_step(done, total)`
+    reports the group steps finished so far (for progress bars)."""
     t0 = time.perf_counter()
     report = PermutationReport(str(spec), {k: v for k, v in importance.items()})
     modules = dict(model.named_modules())
@@ -796,8 +799,12 @@ def permute_model(model: nn.Module, importance: dict[str, torch.Tensor], spec: V
         report.groups.append(result)
 
     failed: set[str] = set()
+    total, done = max(0, iterations) * len(live), 0
     for it in range(max(0, iterations)):
         for k, (fold, targets, result) in enumerate(live):
+            if on_step is not None:
+                on_step(done, total)
+            done += 1
             if fold.name in failed:
                 continue
             try:
@@ -828,6 +835,8 @@ def permute_model(model: nn.Module, importance: dict[str, torch.Tensor], spec: V
             result.gain += after - before
             result.applied = True
 
+    if on_step is not None:
+        on_step(total, total)
     report.layers = {n: (b, kept_importance(work[n], spec)) for n, (b, _) in report.layers.items()}
     for result in report.groups:
         result.after = sum(report.layers[n][1] for n in set(result.layers) if n in work)
