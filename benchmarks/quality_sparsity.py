@@ -1,4 +1,4 @@
-"""One-shot V:N:M quality on the reference model: patterns x importance scores x channel permutation.
+"""One-shot V:N:M quality on the reference model: patterns x importance scores x channel permutation x refit.
 
     python benchmarks/quality_sparsity.py --model ../shared/models/ref-llama-wt2 --data ../shared/data/wikitext-2 \
         --tokens 32768 --out benchmarks/results/quality_sparsity_cpu.json
@@ -44,6 +44,9 @@ def main() -> None:
     p.add_argument("--patterns", default="16:2:4,64:2:5,64:2:8")
     p.add_argument("--importance", default="magnitude,wanda,ria")
     p.add_argument("--permute", default="off,on", help="off, on or off,on")
+    p.add_argument("--reconstruct", default="none,lstsq", help="solvers to try: none, lstsq, obs (comma separated)")
+    p.add_argument("--reconstruct-importance", default="wanda",
+                   help="importance scores that are also tried with each refit solver")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=256)
     p.add_argument("--minilm", action=argparse.BooleanOptionalAction, default=True)
@@ -55,31 +58,35 @@ def main() -> None:
     rows, started = [], time.time()
     dense = perplexity(args.model, test_lines, args.tokens)
     print(f"dense: {dense:.2f}", flush=True)
-    results: dict[tuple[str, str, bool], float] = {}
+    results: dict[tuple[str, str, bool, str], float] = {}
     perm_reports = {}
+    solvers = args.reconstruct.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         for pattern in args.patterns.split(","):
             for importance in args.importance.split(","):
                 for permute in [v == "on" for v in args.permute.split(",")]:
-                    options = dict(vnm=pattern, importance=importance)
-                    if importance != "magnitude":
-                        options.update(calib=str(valid), calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
-                    if "permute" in lowc.Recipe.__dataclass_fields__:
-                        options["permute"] = permute
-                    elif permute:
-                        continue
-                    out = Path(tmp) / f"{pattern.replace(':', '-')}-{importance}-{permute}"
-                    t0 = time.time()
-                    lowc.compress(args.model, out, progress=False, **options)
-                    ppl = perplexity(out, test_lines, args.tokens)
-                    results[(pattern, importance, permute)] = ppl
-                    if permute:
-                        perm_reports[(pattern, importance)] = kept_importance(out)
-                    case = f"{pattern} {importance}{' +permute' if permute else ''}"
-                    rows.append({"case": case, "metric": "ppl", "ours": ppl, "baseline_name": "dense",
-                                 "baseline": dense, "ratio": dense / ppl, "ratio_to_dense": ppl / dense,
-                                 "seconds": round(time.time() - t0, 1)})
-                    print(f"{case:32s} ppl {ppl:9.2f}  x{ppl / dense:.3f} dense", flush=True)
+                    for solver in solvers:
+                        if solver != "none" and importance not in args.reconstruct_importance.split(","):
+                            continue
+                        options = dict(vnm=pattern, importance=importance, permute=permute)
+                        if importance != "magnitude" or solver != "none":
+                            options.update(calib=str(valid), calib_samples=args.calib_samples,
+                                           calib_seqlen=args.calib_seqlen)
+                        if solver != "none":
+                            options["reconstruct"] = solver
+                        out = Path(tmp) / f"{pattern.replace(':', '-')}-{importance}-{permute}-{solver}"
+                        t0 = time.time()
+                        lowc.compress(args.model, out, progress=False, **options)
+                        ppl = perplexity(out, test_lines, args.tokens)
+                        results[(pattern, importance, permute, solver)] = ppl
+                        if permute and solver == "none":
+                            perm_reports[(pattern, importance)] = kept_importance(out)
+                        case = (f"{pattern} {importance}{' +permute' if permute else ''}"
+                                f"{'' if solver == 'none' else ' +refit ' + solver}")
+                        rows.append({"case": case, "metric": "ppl", "ours": ppl, "baseline_name": "dense",
+                                     "baseline": dense, "ratio": dense / ppl, "ratio_to_dense": ppl / dense,
+                                     "seconds": round(time.time() - t0, 1)})
+                        print(f"{case:44s} ppl {ppl:9.2f}  x{ppl / dense:.3f} dense", flush=True)
         minilm = None
         if args.minilm:
             try:
@@ -87,10 +94,11 @@ def main() -> None:
 
                 src = minilm_path()
                 lines = test_lines[:2000]
-                for importance in ("magnitude", "wanda"):
-                    extra = {} if importance == "magnitude" else dict(importance="wanda", calib=str(valid), calib_samples=64,
-                                                                        calib_seqlen=128)
-                    out = Path(tmp) / f"minilm-{importance}"
+                calib = dict(calib=str(valid), calib_samples=64, calib_seqlen=128)
+                variants = {"magnitude": {}, "wanda": dict(importance="wanda", **calib),
+                            "wanda +refit lstsq": dict(importance="wanda", reconstruct="lstsq", **calib)}
+                for importance, extra in variants.items():
+                    out = Path(tmp) / f"minilm-{importance.replace(' ', '-')}"
                     lowc.compress(src, out, vnm="64:2:5", progress=False, **extra)
                     m, ref = lowc.load(out), lowc.load(src)
                     texts = evaluate.encoder_texts(lines, m.tokenizer, None, 256)
@@ -104,21 +112,26 @@ def main() -> None:
                 print(f"MiniLM part skipped: {e}", file=sys.stderr)
 
     targets = []
-    wanda = results.get(("64:2:5", "wanda", False))
+    wanda = results.get(("64:2:5", "wanda", False, "none"))
     best_key = min((k for k in results if k[0] == "64:2:5"), key=results.get, default=None)
     if wanda and best_key:
         targets.append({"name": "best 64:2:5 one-shot recipe >= 10% lower perplexity than Wanda without permutation",
                         "goal": 0.9 * wanda, "measured": results[best_key], "met": results[best_key] <= 0.9 * wanda,
                         "best": " ".join(map(str, best_key))})
-    for imp in args.importance.split(","):
-        a, b = results.get(("64:2:5", imp, False)), results.get(("64:2:5", imp, True))
-        if a and b:
-            targets.append({"name": f"permutation lowers 64:2:5 {imp} perplexity", "goal": a, "measured": b, "met": b < a})
-    if perm_reports:
-        worse = [f"{k}: {layer}" for k, rep in perm_reports.items()
-                 for layer, r in rep.get("layers", {}).items() if r.get("after", 0) < r.get("before", 0) - 1e-9]
-        targets.append({"name": "permutation raises the importance kept on every permuted layer", "goal": 0,
-                        "measured": len(worse), "met": not worse, "layers_worse": worse[:20]})
+    for key in sorted(k for k in results if k[0] == "64:2:5" and not k[2]):
+        a, b = results[key], results.get((key[0], key[1], True, key[3]))
+        if b is not None:
+            refit = "" if key[3] == "none" else f" +refit {key[3]}"
+            targets.append({"name": f"permutation lowers 64:2:5 {key[1]}{refit} perplexity", "goal": a, "measured": b,
+                            "met": b < a})
+    for key, rep in perm_reports.items():
+        changes = {layer: r["kept_after"] / r["kept_before"] - 1 for layer, r in rep.get("layers", {}).items()
+                   if r["kept_before"]}
+        worse = {layer: c for layer, c in changes.items() if c <= 0}
+        targets.append({"name": f"permutation raises the importance kept on every permuted layer ({' '.join(key)})",
+                        "goal": 0, "measured": len(worse), "met": not worse,
+                        "kept_total_change": rep["kept_after"] / rep["kept_before"] - 1,
+                        "layers_not_raised": {k: round(v, 6) for k, v in list(worse.items())[:20]}})
     report = {
         "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "versions": {"torch": torch.__version__, "lowc": lowc.__version__, "python": platform.python_version()},

@@ -31,8 +31,27 @@ def compressed(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
     return {
         "w6": lowc.compress(REF_MODEL, out / "w6", wbits=6, progress=False),
-        "vnm_w6": lowc.compress(REF_MODEL, out / "vnm_w6", vnm="64:2:5", wbits=6, progress=False),
+        "vnm_w6": lowc.compress(REF_MODEL, out / "vnm_w6", vnm="64:2:5", wbits=6, permute=False, progress=False),
     }
+
+
+@pytest.fixture(scope="module")
+def wanda_pair(tmp_path_factory, ref_model, wikitext_valid):
+    """64:2:5 with Wanda scores, without and with channel permutation."""
+    out = tmp_path_factory.mktemp("wanda")
+    options = dict(vnm="64:2:5", importance="wanda", calib=wikitext_valid, calib_samples=128, calib_seqlen=256,
+                   progress=False)
+    return (lowc.compress(ref_model, out / "plain", permute=False, **options),
+            lowc.compress(ref_model, out / "permuted", **options))
+
+
+def test_reference_reconstruction_recovers_most_of_the_loss(ref_model, wikitext_test, wikitext_valid, wanda_pair,
+                                                             tmp_path):
+    """Refitting kept weights by least squares (measured 16384 tokens, 128 windows: Wanda 300.2 -> 125.2, dense 111.1)."""
+    refit = lowc.compress(ref_model, tmp_path / "refit", vnm="64:2:5", importance="wanda", calib=wikitext_valid,
+                          calib_samples=32, calib_seqlen=256, reconstruct="lstsq", permute=False, progress=False)
+    dense, plain = _ppl(ref_model, wikitext_test), _ppl(wanda_pair[0], wikitext_test)
+    assert _ppl(refit, wikitext_test) < min(0.6 * plain, 1.4 * dense)
 
 
 def test_reference_model_quality(ref_model, wikitext_test, compressed):
@@ -41,6 +60,20 @@ def test_reference_model_quality(ref_model, wikitext_test, compressed):
     assert _ppl(compressed["w6"], wikitext_test) / dense == pytest.approx(1.0, abs=0.01)
     ratio = _ppl(compressed["vnm_w6"], wikitext_test) / dense
     assert 4.5 < ratio < 5.5, ratio
+
+
+def test_reference_permutation_lowers_perplexity(wikitext_test, wanda_pair):
+    plain, permuted = wanda_pair
+    metrics = open_artifact(permuted).manifest["metrics"]["permutation"]
+    assert metrics["spec"] == "64:2:5" and metrics["kept_after"] > metrics["kept_before"] * 1.005
+    assert len(metrics["layers"]) == 42 and sum(g["applied"] for g in metrics["groups"]) >= 8
+    # the shared residual permutation may cost a single layer a hair (k_proj of layer 0: -0.012% here)
+    changes = [layer["kept_after"] / layer["kept_before"] - 1 for layer in metrics["layers"].values()]
+    assert min(changes) > -1e-3 and sum(c > 0 for c in changes) >= 40
+    assert "permutation" not in open_artifact(plain).manifest["metrics"]
+    # measured (128 calibration windows, 16384 tokens): 300.2 -> 283.5. One-shot pruning of this small model is
+    # noisy: with 32 windows, or on the first 4096 tokens only, the gain shrinks or turns into a loss.
+    assert _ppl(permuted, wikitext_test, 16384) < 0.97 * _ppl(plain, wikitext_test, 16384)
 
 
 def test_reference_artifact_sizes_and_reload(compressed):

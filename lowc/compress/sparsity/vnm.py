@@ -159,3 +159,13 @@ def vnm_compress(weight: torch.Tensor, spec: VNMSpec, importance: torch.Tensor |
     padded = torch.nn.functional.pad(weight, (0, kp - cols))
     values = torch.gather(padded, 1, kept_column_index(columns, positions, spec))
     return {"values": values, "columns": columns, "positions": positions}
+
+
+def vnm_keep_mask(importance: torch.Tensor, spec: VNMSpec) -> torch.Tensor:
+    """The bool [R, K] mask of the weights that V:N:M pruning by `importance` keeps (True = kept)."""
+    rows, cols = importance.shape
+    columns, positions = vnm_mask(importance, spec)
+    _, kp = spec.padded_shape(rows, cols)
+    keep = torch.zeros(rows, kp, dtype=torch.bool, device=importance.device)
+    keep.scatter_(1, kept_column_index(columns, positions, spec), True)
+    return keep[:, :cols]
