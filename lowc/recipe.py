@@ -14,6 +14,7 @@ from .scheme import ModuleScheme
 
 from .compress.sparsity.importance import METHODS as IMPORTANCE_METHODS, NEEDS_CALIBRATION
 RECONSTRUCT_SOLVERS = ("lstsq", "obs")
+WEIGHT_METHODS = ("rtn", "gptq")
 DENSE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -30,7 +31,9 @@ class Recipe:
     permute: reorder channels before V:N:M pruning so more importance survives (folded into neighbouring layers, so
     the model's function is unchanged); `permute_iterations` alternating rounds of the search. reconstruct: refit the
     kept weights of every pruned layer to its dense outputs on the calibration text, layer by layer ("lstsq": exact
-    least squares per row; "obs": SparseGPT's faster sequential update); None prunes without refitting.
+    least squares per row; "obs": SparseGPT's faster sequential update); None prunes without refitting. method: how
+    weights are rounded: "rtn" (round to nearest) or "gptq" (rounding errors compensated through the calibration
+    Hessian, jointly with V:N:M pruning; needs `calib`).
     """
 
     vnm: str | None = None
@@ -47,6 +50,7 @@ class Recipe:
     permute: bool = True
     permute_iterations: int = 2
     reconstruct: str | None = None
+    method: str = "rtn"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -109,6 +113,13 @@ class Recipe:
                 raise UsageError(f"--reconstruct {self.reconstruct}: refits pruned weights; give --vnm too")
             if not self.calib:
                 raise UsageError(f"--reconstruct {self.reconstruct}: needs calibration text, give --calib FILE")
+        if self.method not in WEIGHT_METHODS:
+            raise UsageError(f"--method: expected one of {', '.join(WEIGHT_METHODS)}, got {self.method!r}")
+        if self.method == "gptq":
+            if self.wbits is None:
+                raise UsageError("--method gptq: rounds integer weights; give --wbits too")
+            if not self.calib:
+                raise UsageError("--method gptq: needs calibration text, give --calib FILE")
         if not isinstance(self.permute, bool):
             raise UsageError(f"--permute: expected true or false, got {self.permute!r}")
         if isinstance(self.permute_iterations, bool) or not isinstance(self.permute_iterations, int) \
@@ -119,7 +130,13 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.vnm is not None and (self.importance in NEEDS_CALIBRATION or self.reconstruct is not None)
+        return self.method == "gptq" or (self.vnm is not None and (self.importance in NEEDS_CALIBRATION
+                                                                     or self.reconstruct is not None))
+
+    @property
+    def refits(self) -> bool:
+        """Whether compress walks the model layer by layer to refit (`reconstruct`) or round (`gptq`) weights."""
+        return self.method == "gptq" or (self.vnm is not None and self.reconstruct is not None)
 
     @property
     def permutes(self) -> bool:

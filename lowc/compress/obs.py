@@ -10,6 +10,8 @@ the rest of the matrix in one product, as in the paper.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -27,36 +29,45 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, damp: float = 0.01,
-              block: int = 128) -> torch.Tensor:
-    """Zero the weights of `weight` [R, K] where `keep` [R, K] is False and update the kept ones so the layer's
-    outputs on the calibration inputs (Hessian `hessian` = X^T X, [K, K]) change as little as possible.
+def obs_solve(weight: torch.Tensor, hessian: torch.Tensor, target: Callable[[torch.Tensor, int], torch.Tensor],
+              damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """Walk the columns of `weight` [R, K] left to right, replacing column i by `target(column, i)` (its pruned
+    and/or rounded value) and spreading the error over the columns to its right through the inverse Hessian.
 
-    Returns the new float32 weight (pruned entries exactly zero). Input channels that never fired (zero Hessian
-    diagonal) carry no information: their weights are pruned to zero only where the mask says so and left otherwise.
+    Returns the float32 weight whose every column is what `target` chose for it. Input channels that never fired
+    (zero Hessian diagonal) get a unit diagonal so that H stays invertible; their errors then stay local.
     """
     w = weight.detach().double().clone()
     h = hessian.double().clone()
-    rows, cols = w.shape
-    dead = h.diagonal() == 0
+    cols = w.shape[1]
+    dead = torch.nonzero(h.diagonal() == 0).flatten()
     h[dead, dead] = 1.0
     u = _inverse_cholesky(h, damp)
-    mask = keep.to(w.device)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
             col = w1[:, i]
-            q = torch.where(mask[:, i1 + i], col, torch.zeros_like(col))
+            q = target(col, i1 + i)
             err = (col - q) / u1[i, i]
             w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
             w1[:, i] = q
             err1[:, i] = err
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    w[~mask] = 0.0
     return w.float()
+
+
+def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, damp: float = 0.01,
+              block: int = 128) -> torch.Tensor:
+    """Zero the weights of `weight` [R, K] where `keep` [R, K] is False and update the kept ones so the layer's
+    outputs on the calibration inputs (Hessian `hessian` = X^T X, [K, K]) change as little as possible.
+
+    Returns the new float32 weight (pruned entries exactly zero).
+    """
+    mask = keep.to(weight.device)
+    return obs_solve(weight, hessian, lambda col, i: torch.where(mask[:, i], col, torch.zeros_like(col)), damp, block)
 
 
 @torch.no_grad()
@@ -90,4 +101,6 @@ def lstsq_prune(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor,
     return out.float()
 
 
-__all__ = ["obs_prune", "lstsq_prune"]
+SOLVERS = {"lstsq": lstsq_prune, "obs": obs_prune}
+
+__all__ = ["obs_solve", "obs_prune", "lstsq_prune", "SOLVERS"]

@@ -19,12 +19,14 @@ from ..models import build_model
 from ..recipe import Recipe
 from ..scheme import ModuleScheme
 from .calibration import calibration_ids, input_norms
+from .obs import SOLVERS
+from .quant.gptq import codes_for_scales, gptq_quantize
 from .quant.rtn import quantize_rtn
 from .sparsity.importance import NEEDS_CALIBRATION, importance_scores
 from .sparsity.permute import PermutationReport, permute_model
 from .sparsity.select import layer_type, select_vnm
 from .reconstruct import reconstruct_layers
-from .sparsity.vnm import VNMSpec, vnm_compress, vnm_keep_mask
+from .sparsity.vnm import VNMSpec, keep_mask, kept_column_index, vnm_compress, vnm_mask
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
@@ -92,11 +94,12 @@ def make_plan(ckpt: Checkpoint, recipe: Recipe, vnm_by_type: dict[str, VNMSpec] 
     return Plan(schemes, dense, ckpt.nbytes_bf16())
 
 
-def compress_module(weight: torch.Tensor, scheme: ModuleScheme,
-                    importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def compress_module(weight: torch.Tensor, scheme: ModuleScheme, importance: torch.Tensor | None = None,
+                    scales: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Pack one Linear weight [R, K] into the tensors its scheme stores (without bias).
 
-    `importance` [R, K] decides what V:N:M pruning keeps (default: magnitude).
+    `importance` [R, K] decides what V:N:M pruning keeps (default: magnitude). `scales` (fp16 [R, groups]) are
+    quantization scales chosen beforehand (GPTQ); without them round-to-nearest picks its own.
     """
     out: dict[str, torch.Tensor] = {}
     w = weight.float()
@@ -108,7 +111,10 @@ def compress_module(weight: torch.Tensor, scheme: ModuleScheme,
         if scheme.bits is None:
             out["values"] = w.to(TORCH_DTYPES[scheme.dtype])
     if scheme.bits is not None:
-        codes, scales = quantize_rtn(w, scheme.bits, scheme.group)
+        if scales is None:
+            codes, scales = quantize_rtn(w, scheme.bits, scheme.group)
+        else:
+            codes = codes_for_scales(w, scales, scheme.bits, scheme.group)
         out["qweight"] = pack_int(codes, scheme.bits)
         out["scales"] = scales
     return out
@@ -167,20 +173,39 @@ def _permute(model: torch.nn.Module, scores: dict[str, torch.Tensor], plan: Plan
 
 
 def _reconstruct(model: torch.nn.Module, ids: torch.Tensor, scores: dict[str, torch.Tensor], plan: Plan,
-                 recipe: Recipe, progress: bool) -> dict:
-    """Prune every V:N:M Linear of the dense model by its scores and refit its kept weights, layer by layer."""
-    sparse = {m for m, s in plan.schemes.items() if s.vnm is not None}
-    errors = reconstruct_layers(model, ids, lambda m, w: vnm_keep_mask(scores[m], plan.schemes[m].vnm), sparse,
-                                solver=recipe.reconstruct, progress=progress)
-    left = sorted(sparse - errors.keys())
+                 recipe: Recipe, progress: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Walk the dense model layer by layer: prune each V:N:M Linear by its scores and refit its kept weights
+    (`reconstruct`), round with GPTQ (`method: gptq`), or both. Returns (metrics, GPTQ's fp16 scales per module)."""
+    scales: dict[str, torch.Tensor] = {}
+    gptq = recipe.method == "gptq"
+    targets = {m for m, s in plan.schemes.items()
+               if (s.vnm is not None and recipe.reconstruct) or (s.bits is not None and gptq)}
+
+    def solve(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+        scheme = plan.schemes[name]
+        keep = kept = None
+        if scheme.vnm is not None:
+            columns, positions = vnm_mask(scores[name], scheme.vnm)
+            kept = kept_column_index(columns, positions, scheme.vnm)
+            keep = keep_mask(kept, scheme.shape)
+            if recipe.reconstruct:
+                weight = SOLVERS[recipe.reconstruct](weight, hessian, keep)
+        if scheme.bits is not None and gptq:
+            weight, scales[name] = gptq_quantize(weight, hessian, scheme.bits, scheme.group, keep, kept)
+        return weight
+
+    errors = reconstruct_layers(model, ids, solve, targets, progress=progress)
+    left = sorted(targets - errors.keys())
     if left:
-        log.info("reconstruction: %d pruned modules outside the decoder/encoder layers are pruned without refit (%s)",
+        log.info("reconstruction: %d modules outside the decoder/encoder layers are compressed without it (%s)",
                  len(left), ", ".join(left[:3]))
     mean = sum(errors.values()) / max(1, len(errors))
+    what = " + ".join(x for x in (recipe.reconstruct and f"refit {recipe.reconstruct}", gptq and "GPTQ") if x)
     log.info("reconstruction (%s): mean relative output error on calibration data %.4f over %d modules",
-             recipe.reconstruct, mean, len(errors))
-    return {"solver": recipe.reconstruct, "output_rel_error_mean": mean, "output_rel_error": errors,
-            "not_refitted": left}
+             what, mean, len(errors))
+    metrics = {"solver": recipe.reconstruct, "method": recipe.method, "output_rel_error_mean": mean,
+               "output_rel_error": errors, "not_refitted": left}
+    return metrics, scales
 
 
 def _quantization_config(recipe: Recipe, plan: Plan) -> dict:
@@ -192,6 +217,8 @@ def _quantization_config(recipe: Recipe, plan: Plan) -> dict:
         "bits": recipe.wbits,
         "group_size": recipe.group if recipe.wbits else None,
         "sym": True,
+        "method": recipe.method if recipe.wbits else None,
+        "act_order": False if recipe.wbits else None,
         "sparsity": None if not specs else {"format": "vnm", "v": spec.v if spec else "per-module", "n": 2,
                                             "m": spec.m if spec else sorted({s.m for s in specs})},
         "modules_to_not_convert": sorted({n.rsplit(".", 1)[0] for n in plan.dense if n.endswith(".weight")}),
@@ -235,8 +262,9 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
     if recipe.permutes:
         permutation = _permute(model, scores, plan, recipe, progress)
         scores = permutation.importance
-    if recipe.reconstruct:
-        reconstruction = _reconstruct(model, ids, scores, plan, recipe, progress)
+    gptq_scales: dict[str, torch.Tensor] = {}
+    if recipe.refits:
+        reconstruction, gptq_scales = _reconstruct(model, ids, scores, plan, recipe, progress)
     if (permutation is not None and permutation.permutations) or reconstruction is not None:
         modified = model.state_dict()
     del model
@@ -261,7 +289,7 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
                 score = None
                 if scheme.vnm is not None:
                     score = scores.pop(module) if module in scores else importance(module, weight)
-                packed = compress_module(weight, scheme, score)
+                packed = compress_module(weight, scheme, score, gptq_scales.pop(module, None))
                 for suffix, t in packed.items():
                     writer.add(f"{module}.{suffix}", t)
                 w = weight.float()

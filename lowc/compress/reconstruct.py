@@ -1,10 +1,10 @@
-"""Layer-by-layer reconstruction: after choosing each Linear's pruning mask, refit its kept weights so the layer
-reproduces the dense layer's outputs on calibration data (SparseGPT's objective, arXiv 2301.00774).
+"""Layer-by-layer reconstruction: replace each Linear's weight by a pruned and/or quantized one chosen so that the
+layer reproduces its dense outputs on calibration data (the objective of SparseGPT and GPTQ).
 
 The walk is the calibration runner's: one decoder (encoder) layer at a time, all calibration samples. A layer's
-Linear inputs are recorded as Hessians H = X^T X (the inputs come from the already-pruned earlier layers, so each
-layer also corrects what those left behind), every planned Linear of the layer is solved, and the pruned layer's
-outputs feed the next one.
+Linear inputs are recorded as Hessians H = X^T X (the inputs come from the already-compressed earlier layers, so
+each layer also corrects what those left behind), every planned Linear of the layer is solved, and the compressed
+layer's outputs feed the next one.
 """
 
 from __future__ import annotations
@@ -15,18 +15,15 @@ import torch
 
 from ..console import progress_bar
 from .calibration import embed_inputs, layer_runners
-from .obs import lstsq_prune, obs_prune
-
-SOLVERS = {"obs": obs_prune, "lstsq": lstsq_prune}
 
 
 @torch.no_grad()
-def reconstruct_layers(model: torch.nn.Module, ids: torch.Tensor, keep: Callable[[str, torch.Tensor], torch.Tensor],
-                       modules: set[str], solver: str = "obs", batch_size: int = 8,
-                       progress: bool = True) -> dict[str, float]:
-    """Prune and refit, in place, every Linear of `model` named in `modules`; `keep(name, weight)` gives its bool
-    mask. Returns each module's relative output error on the calibration inputs (||X (W - W')^T|| / ||X W^T||)."""
-    solve = SOLVERS[solver]
+def reconstruct_layers(model: torch.nn.Module, ids: torch.Tensor,
+                       solve: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor], modules: set[str],
+                       batch_size: int = 8, progress: bool = True) -> dict[str, float]:
+    """Replace, in place, the weight W of every Linear of `model` named in `modules` by `solve(name, W, H)` (float32
+    [R, K], H = X^T X of its calibration inputs, float64 [K, K]). Returns each module's relative output error on
+    those inputs, ||X (W - W')^T|| / ||X W^T||."""
     hessians: dict[str, torch.Tensor] = {}
 
     def record(name: str):
@@ -53,7 +50,7 @@ def reconstruct_layers(model: torch.nn.Module, ids: torch.Tensor, keep: Callable
             for name, linear in linears.items():
                 h = hessians.pop(name)
                 w = linear.weight.detach().float()
-                new = solve(w, h, keep(name, w))
+                new = solve(name, w, h)
                 delta = (new - w).double()
                 errors[name] = float(((delta @ h) * delta).sum().clamp_min(0).sqrt()
                                      / ((w.double() @ h) * w.double()).sum().clamp_min(1e-30).sqrt())
@@ -63,4 +60,4 @@ def reconstruct_layers(model: torch.nn.Module, ids: torch.Tensor, keep: Callable
     return errors
 
 
-__all__ = ["reconstruct_layers", "SOLVERS"]
+__all__ = ["reconstruct_layers"]

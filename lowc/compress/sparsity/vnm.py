@@ -161,11 +161,16 @@ def vnm_compress(weight: torch.Tensor, spec: VNMSpec, importance: torch.Tensor |
     return {"values": values, "columns": columns, "positions": positions}
 
 
+def keep_mask(kept_index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The bool [R, K] mask of the entries that `kept_column_index` points at (True = kept)."""
+    rows, cols = shape
+    width = max(cols, int(kept_index.max()) + 1 if kept_index.numel() else cols)
+    keep = torch.zeros(rows, width, dtype=torch.bool, device=kept_index.device)
+    keep.scatter_(1, kept_index, True)
+    return keep[:, :cols]
+
+
 def vnm_keep_mask(importance: torch.Tensor, spec: VNMSpec) -> torch.Tensor:
     """The bool [R, K] mask of the weights that V:N:M pruning by `importance` keeps (True = kept)."""
-    rows, cols = importance.shape
     columns, positions = vnm_mask(importance, spec)
-    _, kp = spec.padded_shape(rows, cols)
-    keep = torch.zeros(rows, kp, dtype=torch.bool, device=importance.device)
-    keep.scatter_(1, kept_column_index(columns, positions, spec), True)
-    return keep[:, :cols]
+    return keep_mask(kept_column_index(columns, positions, spec), tuple(importance.shape))
