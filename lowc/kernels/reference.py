@@ -56,3 +56,28 @@ def packed_linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], scheme) -> 
     bias = tensors.get("bias")
     y = torch.nn.functional.linear(x.float(), weight, None if bias is None else bias.float())
     return y.to(x.dtype)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                        sm_scale: float | None = None, return_lse: bool = False):
+    """softmax(q k^T * sm_scale) v in float32: the ground truth for the attention kernels.
+
+    q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] with Hq a multiple of Hkv (query head h uses KV head h // (Hq/Hkv)).
+    The causal mask is bottom-right aligned: query i sees keys up to i + Sk - Sq, as in decode with a cache; a
+    row that sees no key gives zeros (and LSE -inf). sm_scale defaults to 1/sqrt(D). With return_lse also the
+    natural-log sum of exp of the scaled scores [B, Hq, Sq]. Returns float32.
+    """
+    q, k, v = q.float(), k.float(), v.float()
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if causal:
+        sq, sk = q.shape[-2], k.shape[-2]
+        visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.clamp_min(torch.finfo(torch.float32).min)[..., None])
+    out = torch.matmul(probs, v)
+    return (out, lse) if return_lse else out
