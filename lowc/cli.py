@@ -61,6 +61,11 @@ def cli(verbose: bool) -> None:
 @click.option("--wbits", type=int, help="Integer weight bits: 4, 6 or 8 (symmetric, per output channel per group).")
 @click.option("--method", type=click.Choice(["rtn", "gptq"]),
               help="Weight rounding: round-to-nearest (default) or GPTQ error compensation (needs --calib).")
+@click.option("--abits", type=click.Choice(["6", "8", "16"]),
+              help="Activation bits: per-token symmetric A8 or A6 on the inputs of integer-weight Linears (16 = off).")
+@click.option("--a8-budget", type=float,
+              help="With --abits 6: keep A8 on the layers most sensitive to A6, up to this fraction of their FLOPs "
+                   "(FlexQ; needs --calib).")
 @click.option("--group", type=int, help="Input columns per quantization group (default 128).")
 @click.option("--skip", multiple=True, help="Module-name pattern to keep dense (fnmatch, repeatable), e.g. '*.down_proj'.")
 @click.option("--importance", type=click.Choice(["magnitude", "wanda", "ria"]),
@@ -81,7 +86,8 @@ def cli(verbose: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is an existing lowc artifact.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: float | None, pad_rows: bool | None,
-             wbits: int | None, method: str | None, group: int | None,
+             wbits: int | None, method: str | None, abits: str | None, a8_budget: float | None,
+             group: int | None,
              skip: tuple[str, ...], importance: str | None, reconstruct: str | None,
              permute: bool | None, permute_iterations: int | None,
              calib: Path | None, calib_samples: int | None,
@@ -96,7 +102,8 @@ def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: f
     options = (("vnm", vnm), ("wbits", wbits), ("group", group), ("dense_dtype", dense_dtype), ("importance", importance),
                ("calib", None if calib is None else str(calib)), ("calib_samples", calib_samples),
                ("calib_seqlen", calib_seqlen), ("sparsity", sparsity), ("pad_rows", pad_rows), ("permute", permute),
-               ("permute_iterations", permute_iterations), ("reconstruct", reconstruct), ("method", method))
+               ("permute_iterations", permute_iterations), ("reconstruct", reconstruct), ("method", method),
+               ("abits", None if abits is None else int(abits)), ("a8_budget", a8_budget))
     for key, value in options:
         if value is not None:
             data[key] = value

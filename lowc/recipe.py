@@ -10,7 +10,7 @@ from pathlib import Path
 from .compress.sparsity.vnm import VNMSpec
 from .errors import UsageError
 from .kernels.packing import SUPPORTED_BITS
-from .scheme import ModuleScheme
+from .scheme import ACTIVATION_BITS, ModuleScheme
 
 from .compress.sparsity.importance import METHODS as IMPORTANCE_METHODS, NEEDS_CALIBRATION
 RECONSTRUCT_SOLVERS = ("lstsq", "obs")
@@ -33,7 +33,9 @@ class Recipe:
     kept weights of every pruned layer to its dense outputs on the calibration text, layer by layer ("lstsq": exact
     least squares per row; "obs": SparseGPT's faster sequential update); None prunes without refitting. method: how
     weights are rounded: "rtn" (round to nearest) or "gptq" (rounding errors compensated through the calibration
-    Hessian, jointly with V:N:M pruning; needs `calib`).
+    Hessian, jointly with V:N:M pruning; needs `calib`). abits: 8 or 6 for per-token symmetric quantization of the
+    inputs of every integer-weight Linear (16 or None keeps them 16-bit); with abits 6, `a8_budget` (a fraction of the
+    quantized Linears' FLOPs) keeps A8 on the layers most sensitive to A6, measured on `calib` (FlexQ).
     """
 
     vnm: str | None = None
@@ -51,6 +53,8 @@ class Recipe:
     permute_iterations: int = 2
     reconstruct: str | None = None
     method: str = "rtn"
+    abits: int | None = None
+    a8_budget: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -120,6 +124,22 @@ class Recipe:
                 raise UsageError("--method gptq: rounds integer weights; give --wbits too")
             if not self.calib:
                 raise UsageError("--method gptq: needs calibration text, give --calib FILE")
+        if self.abits == 16:
+            self.abits = None
+        if self.abits is not None:
+            if self.abits not in ACTIVATION_BITS or isinstance(self.abits, bool):
+                raise UsageError(f"--abits: expected 6, 8 or 16, got {self.abits!r}")
+            if self.wbits is None:
+                raise UsageError(f"--abits {self.abits}: activations are quantized for integer-weight GEMMs; give --wbits")
+        if self.a8_budget is not None:
+            if self.abits != 6:
+                raise UsageError("--a8-budget: goes with --abits 6 (it chooses the layers kept at A8)")
+            if isinstance(self.a8_budget, bool) or not isinstance(self.a8_budget, (int, float)) \
+                    or not 0 <= self.a8_budget <= 1:
+                raise UsageError(f"--a8-budget: expected a fraction of FLOPs from 0 to 1, got {self.a8_budget!r}")
+            if not self.calib:
+                raise UsageError("--a8-budget: layer sensitivity is measured on calibration text, give --calib FILE")
+            self.a8_budget = float(self.a8_budget)
         if not isinstance(self.permute, bool):
             raise UsageError(f"--permute: expected true or false, got {self.permute!r}")
         if isinstance(self.permute_iterations, bool) or not isinstance(self.permute_iterations, int) \
@@ -130,7 +150,8 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq" or (self.vnm is not None and (self.importance in NEEDS_CALIBRATION
+        return self.method == "gptq" or self.a8_budget is not None or (self.vnm is not None and (
+            self.importance in NEEDS_CALIBRATION
                                                                      or self.reconstruct is not None))
 
     @property
@@ -190,4 +211,4 @@ class Recipe:
         if self.is_noop or any(fnmatch.fnmatchcase(name, p) for p in (*keep_dense, *self.skip)):
             return None
         return ModuleScheme(name=name, shape=shape, vnm=vnm or self.vnm_spec, bits=self.wbits, group=self.group,
-                            dtype=dtype, bias=bias)
+                            dtype=dtype, bias=bias, abits=self.abits)

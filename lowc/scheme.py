@@ -8,6 +8,7 @@ from .compress.sparsity.vnm import VNMSpec
 from .errors import ArtifactError, UsageError
 from .kernels.packing import SUPPORTED_BITS, packed_columns
 
+ACTIVATION_BITS = (6, 8)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "uint8": 1, "int8": 1, "int32": 4,
                "int64": 8, "bool": 1}
 
@@ -23,6 +24,7 @@ class ModuleScheme:
     group: int = 128
     dtype: str = "bfloat16"  # dtype of float tensors kept as floats (V:N:M values without bits, bias)
     bias: bool = False
+    abits: int | None = None  # per-token symmetric activation quantization of the inputs (6 or 8); None = 16-bit
 
     @property
     def stored_columns(self) -> int:
@@ -70,7 +72,7 @@ class ModuleScheme:
         if self.vnm is not None:
             parts.append(f"V:N:M {self.vnm}")
         if self.bits is not None:
-            parts.append(f"W{self.bits} g{self.group}")
+            parts.append(f"W{self.bits}{'' if self.abits is None else f'A{self.abits}'} g{self.group}")
         return " + ".join(parts) or "dense"
 
     def to_json(self) -> dict:
@@ -81,6 +83,7 @@ class ModuleScheme:
             "group": self.group,
             "dtype": self.dtype,
             "bias": self.bias,
+            "abits": self.abits,
         }
 
     @classmethod
@@ -113,4 +116,7 @@ class ModuleScheme:
             raise ArtifactError(f"{where}: 'bias' must be true or false, got {bias!r}")
         if vnm is None and bits is None:
             raise ArtifactError(f"{where}: a compressed module needs 'vnm' or 'bits'")
-        return cls(name, (shape[0], shape[1]), vnm, bits, group, dtype, bias)
+        abits = data.get("abits")
+        if abits is not None and (abits not in ACTIVATION_BITS or isinstance(abits, bool) or bits is None):
+            raise ArtifactError(f"{where}: 'abits' must be one of {ACTIVATION_BITS} (with 'bits') or null, got {abits!r}")
+        return cls(name, (shape[0], shape[1]), vnm, bits, group, dtype, bias, abits)

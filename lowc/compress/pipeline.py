@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from ..recipe import Recipe
 from ..scheme import ModuleScheme
 from .calibration import calibration_ids, input_norms
 from .obs import SOLVERS
+from .quant.flexq import activation_sensitivity, choose_a8
 from .quant.gptq import codes_for_scales, gptq_quantize
 from .quant.rtn import quantize_rtn
 from .sparsity.importance import NEEDS_CALIBRATION, importance_scores
@@ -208,6 +210,29 @@ def _reconstruct(model: torch.nn.Module, ids: torch.Tensor, scores: dict[str, to
     return metrics, scales
 
 
+def _choose_activation_bits(model: torch.nn.Module, ids: torch.Tensor, plan: Plan, recipe: Recipe,
+                            progress: bool) -> dict:
+    """FlexQ: measure every A6 module's sensitivity and move the most sensitive ones to A8 within the FLOP budget
+    (updates `plan` in place); returns the choice and the measurements for the manifest."""
+    quantized = {m for m, s in plan.schemes.items() if s.abits == 6}
+    sensitivity = activation_sensitivity(model, ids, quantized, progress=progress)
+    flops = {m: plan.schemes[m].shape[0] * plan.schemes[m].shape[1] for m in sensitivity}
+    chosen = choose_a8(sensitivity, flops, recipe.a8_budget)
+    for m in chosen:
+        plan.schemes[m] = dataclasses.replace(plan.schemes[m], abits=8)
+    total = sum(plan.schemes[m].shape[0] * plan.schemes[m].shape[1] for m in quantized)
+    fraction = sum(flops[m] for m in chosen) / max(1, total)
+    ranking = sorted(sensitivity, key=lambda n: sensitivity[n][6], reverse=True)
+    log.info("activation sensitivity (relative output error at A6 / A8), most sensitive first:")
+    for m in ranking[:12]:
+        log.info("  %-40s %.4f / %.4f%s", m, sensitivity[m][6], sensitivity[m][8], "  -> A8" if m in chosen else "")
+    log.info("A8 kept on %d of %d modules (%.1f%% of their FLOPs; budget %.0f%%)", len(chosen), len(quantized),
+             100 * fraction, 100 * recipe.a8_budget)
+    return {"budget": recipe.a8_budget, "a8_flops_fraction": fraction, "a8": chosen,
+            "not_measured": sorted(quantized - sensitivity.keys()),
+            "sensitivity": {m: {"a6": sensitivity[m][6], "a8": sensitivity[m][8]} for m in ranking}}
+
+
 def _quantization_config(recipe: Recipe, plan: Plan) -> dict:
     specs = {s.vnm for s in plan.schemes.values() if s.vnm is not None}
     spec = next(iter(specs)) if len(specs) == 1 else None
@@ -219,6 +244,7 @@ def _quantization_config(recipe: Recipe, plan: Plan) -> dict:
         "sym": True,
         "method": recipe.method if recipe.wbits else None,
         "act_order": False if recipe.wbits else None,
+        "activation_bits": recipe.abits,
         "sparsity": None if not specs else {"format": "vnm", "v": spec.v if spec else "per-module", "n": 2,
                                             "m": spec.m if spec else sorted({s.m for s in specs})},
         "modules_to_not_convert": sorted({n.rsplit(".", 1)[0] for n in plan.dense if n.endswith(".weight")}),
@@ -265,6 +291,7 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
     gptq_scales: dict[str, torch.Tensor] = {}
     if recipe.refits:
         reconstruction, gptq_scales = _reconstruct(model, ids, scores, plan, recipe, progress)
+    activation_bits = _choose_activation_bits(model, ids, plan, recipe, progress) if recipe.a8_budget is not None else None
     if (permutation is not None and permutation.permutations) or reconstruction is not None:
         modified = model.state_dict()
     del model
@@ -315,6 +342,8 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
             metrics["permutation"] = permutation.to_dict()
         if reconstruction is not None:
             metrics["reconstruction"] = reconstruction
+        if activation_bits is not None:
+            metrics["activation_bits"] = activation_bits
         manifest = {
             "producer": producer_info(),
             "architecture": ckpt.architecture.name,

@@ -50,11 +50,37 @@ def dense_weight(tensors: dict[str, torch.Tensor], scheme) -> torch.Tensor:
     return tensors["weight"].float()
 
 
+def quantize_activations(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (last dimension) symmetric quantization as the A8/A6 GEMM kernels do it: (int8 codes, fp32 scales).
+
+    scale = absmax / qmax (1 for an all-zero row), codes = round half away from zero of x / scale, clamped to
+    [-qmax, qmax] with qmax = 2^(bits-1) - 1.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    xf = x.float()
+    amax = xf.abs().amax(-1)
+    # tensor / tensor: torch on CUDA turns a division by a Python scalar into a product with its reciprocal
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, qmax), torch.ones_like(amax))
+    v = xf / scale.unsqueeze(-1)
+    q = torch.where(v < 0, -torch.floor(-v + 0.5), torch.floor(v + 0.5)).clamp(-qmax, qmax)
+    return q.to(torch.int8), scale
+
+
 def packed_linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], scheme) -> torch.Tensor:
-    """y = x W^T (+ b) with W decoded from its packed form; computes in float32, returns x's dtype."""
+    """y = x W^T (+ b) with W decoded from its packed form; returns x's dtype.
+
+    With `scheme.abits` the inputs are quantized per token first and the product is taken on the integer codes in
+    float64 (exact, like the kernels' int32 accumulation) before the weight and activation scales are applied.
+    """
     weight = dense_weight(tensors, scheme)
     bias = tensors.get("bias")
-    y = torch.nn.functional.linear(x.float(), weight, None if bias is None else bias.float())
+    if getattr(scheme, "abits", None) is None:
+        y = torch.nn.functional.linear(x.float(), weight, None if bias is None else bias.float())
+        return y.to(x.dtype)
+    codes, scale = quantize_activations(x, scheme.abits)
+    y = torch.nn.functional.linear(codes.double(), weight.double()) * scale.double().unsqueeze(-1)
+    if bias is not None:
+        y = y + bias.double()
     return y.to(x.dtype)
 
 

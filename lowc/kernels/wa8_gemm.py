@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .lowbit_layout import LowbitWeight
 from .packing import unpack_int
+from .reference import quantize_activations
 from .wa16_gemm import (_TUNED, GemmConfig, expand_weight, fit_block_k, interpreting, load_biased_codes, m_bucket,
                         pick_config, tile_coords)
 
@@ -85,15 +86,8 @@ def quantize_rows(x: torch.Tensor, act_bits: int = 8) -> tuple[torch.Tensor, tor
 
 
 def quantize_rows_reference(x: torch.Tensor, act_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of `quantize_rows`, bit for bit: (int8 codes, fp32 scales)."""
-    qmax = _act_qmax(act_bits)
-    xf = x.float()
-    amax = xf.abs().amax(-1)
-    # tensor / tensor: torch on CUDA turns a division by a Python scalar into a product with its reciprocal
-    scale = torch.where(amax > 0, amax / torch.full_like(amax, qmax), torch.ones_like(amax))
-    v = xf / scale.unsqueeze(-1)
-    q = torch.where(v < 0, -torch.floor(-v + 0.5), torch.floor(v + 0.5)).clamp(-qmax, qmax)
-    return q.to(torch.int8), scale
+    """Torch twin of `quantize_rows`, bit for bit: (int8 codes, fp32 scales); see `reference.quantize_activations`."""
+    return quantize_activations(x, act_bits)
 
 
 def wa8_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group: int,
