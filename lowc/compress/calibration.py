@@ -9,7 +9,7 @@ the dense model (pruning earlier layers first made 64:2:5 worse on our reference
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -60,29 +60,49 @@ def embed_inputs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model.embeddings(ids, torch.zeros_like(ids)).float()
 
 
+def walk_layers(model: torch.nn.Module, ids: torch.Tensor, observe: Callable[[str, torch.nn.Module], Callable],
+                description: str, after: Callable[[str, torch.nn.Module], None] | None = None,
+                batch_size: int = 8, progress: bool = True) -> None:
+    """Run the calibration samples through the model one layer at a time.
+
+    For every Linear inside a layer, `observe(name, linear)` returns a forward pre-hook that sees its inputs. When
+    `after(prefix, layer)` is given it runs once the layer has seen all samples (e.g. to change its weights), and the
+    layer's outputs are then recomputed so that the next layer sees the changed one.
+    """
+    hidden = torch.cat([embed_inputs(model, ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)])
+    runners = list(layer_runners(model, ids, batch_size))
+
+    def forward(run) -> torch.Tensor:
+        return torch.cat([run(hidden[i:i + batch_size]) for i in range(0, len(hidden), batch_size)])
+
+    with progress_bar(progress) as bar:
+        task = bar.add_task(description, total=len(runners))
+        for prefix, layer, run in runners:
+            handles = [m.register_forward_pre_hook(observe(f"{prefix}.{n}", m)) for n, m in layer.named_modules()
+                       if isinstance(m, torch.nn.Linear)]
+            try:
+                outputs = forward(run)
+            finally:
+                for h in handles:
+                    h.remove()
+            if after is not None:
+                after(prefix, layer)
+                outputs = forward(run)
+            hidden = outputs
+            bar.advance(task)
+
+
 @torch.inference_mode()
 def input_norms(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 8,
                 progress: bool = True) -> dict[str, torch.Tensor]:
     """||x_j||_2 over all calibration tokens for the input channels of every Linear inside the layers [K]."""
     sums: dict[str, torch.Tensor] = {}
 
-    def hook(name):
+    def observe(name: str, linear: torch.nn.Module):
         def record(module, args):
             x = args[0].detach().double().reshape(-1, args[0].shape[-1])
             sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
         return record
 
-    hidden = torch.cat([embed_inputs(model, ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)])
-    layers = list(layer_runners(model, ids, batch_size))
-    with progress_bar(progress) as bar:
-        task = bar.add_task("calibrating", total=len(layers))
-        for prefix, layer, run in layers:
-            handles = [m.register_forward_pre_hook(hook(f"{prefix}.{n}")) for n, m in layer.named_modules()
-                       if isinstance(m, torch.nn.Linear)]
-            try:
-                hidden = torch.cat([run(hidden[i:i + batch_size]) for i in range(0, len(hidden), batch_size)])
-            finally:
-                for h in handles:
-                    h.remove()
-            bar.advance(task)
+    walk_layers(model, ids, observe, "calibrating", batch_size=batch_size, progress=progress)
     return {name: s.sqrt().float() for name, s in sums.items()}

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ...console import progress_bar
 from ...kernels.reference import quantize_activations
-from ..calibration import embed_inputs, layer_runners
+from ..calibration import walk_layers
 
 
 @torch.no_grad()
@@ -20,8 +19,10 @@ def activation_sensitivity(model: torch.nn.Module, ids: torch.Tensor, modules: s
     """Relative output error ||Q_b(X) W^T - X W^T|| / ||X W^T|| of every Linear in `modules`, for each bit width b."""
     sums: dict[str, dict] = {}
 
-    def record(name: str):
-        def hook(module, args):
+    def observe(name: str, linear: torch.nn.Module):
+        def record(module, args):
+            if name not in modules:
+                return
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             w = module.weight.detach().float()
             y = x @ w.T
@@ -30,21 +31,9 @@ def activation_sensitivity(model: torch.nn.Module, ids: torch.Tensor, modules: s
             for b in bits:
                 codes, scale = quantize_activations(x, b)
                 entry[b] += float(((codes.float() * scale[:, None]) @ w.T - y).double().pow(2).sum())
-        return hook
+        return record
 
-    hidden = torch.cat([embed_inputs(model, ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)])
-    runners = list(layer_runners(model, ids, batch_size))
-    with progress_bar(progress) as bar:
-        task = bar.add_task("activation sensitivity", total=len(runners))
-        for prefix, layer, run in runners:
-            handles = [m.register_forward_pre_hook(record(f"{prefix}.{n}")) for n, m in layer.named_modules()
-                       if isinstance(m, torch.nn.Linear) and f"{prefix}.{n}" in modules]
-            try:
-                hidden = torch.cat([run(hidden[i:i + batch_size]) for i in range(0, len(hidden), batch_size)])
-            finally:
-                for h in handles:
-                    h.remove()
-            bar.advance(task)
+    walk_layers(model, ids, observe, "activation sensitivity", batch_size=batch_size, progress=progress)
     return {n: {b: (e[b] / max(e["ref"], 1e-30)) ** 0.5 for b in bits} for n, e in sums.items()}
 
 
