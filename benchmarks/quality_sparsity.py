@@ -47,6 +47,7 @@ def main() -> None:
     p.add_argument("--reconstruct", default="none,lstsq", help="solvers to try: none, lstsq, obs (comma separated)")
     p.add_argument("--reconstruct-importance", default="wanda",
                    help="importance scores that are also tried with each refit solver")
+    p.add_argument("--reconstruct-patterns", default="64:2:5", help="patterns that are also tried with each solver")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=256)
     p.add_argument("--minilm", action=argparse.BooleanOptionalAction, default=True)
@@ -66,7 +67,8 @@ def main() -> None:
             for importance in args.importance.split(","):
                 for permute in [v == "on" for v in args.permute.split(",")]:
                     for solver in solvers:
-                        if solver != "none" and importance not in args.reconstruct_importance.split(","):
+                        if solver != "none" and (importance not in args.reconstruct_importance.split(",")
+                                                 or pattern not in args.reconstruct_patterns.split(",")):
                             continue
                         options = dict(vnm=pattern, importance=importance, permute=permute)
                         if importance != "magnitude" or solver != "none":
