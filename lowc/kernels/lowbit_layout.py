@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import SUPPORTED_BITS, packed_columns, pack_int, unpack_int
+from .packing import packed_columns, pack_int, unpack_int
+
+GEMM_BITS = (4, 6, 8)  # weight widths the Triton GEMMs unpack; INT2/INT3 run through the reference path
 
 K_ALIGN = 256
 
@@ -84,8 +86,8 @@ def to_lowbit_layout(qweight: torch.Tensor, scales: torch.Tensor, bits: int, gro
                      columns: int) -> LowbitWeight:
     """Convert canonical `qweight` [N, packed_columns(columns, bits)] and `scales` [N, ceil(columns/group)] into
     the kernel layout, on the tensors' device. Raises ValueError on shapes that do not match the format."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"unsupported weight bits {bits} (supported: {', '.join(map(str, SUPPORTED_BITS))})")
+    if bits not in GEMM_BITS:
+        raise ValueError(f"the low-bit GEMM kernels take INT{'/INT'.join(map(str, GEMM_BITS))} weights, got INT{bits}")
     if qweight.dim() != 2 or qweight.shape[1] != packed_columns(columns, bits):
         raise ValueError(f"qweight must be [N, {packed_columns(columns, bits)}] for {columns} INT{bits} columns, "
                          f"got {list(qweight.shape)}")
