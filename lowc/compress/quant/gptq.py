@@ -46,8 +46,12 @@ def codes_for_scales(values: torch.Tensor, scales: torch.Tensor, bits: int, grou
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group: int,
                   keep: torch.Tensor | None = None, kept_index: torch.Tensor | None = None,
-                  damp: float = 0.01, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+                  damp: float = 0.01, block: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize `weight` [R, K] with GPTQ error compensation; `keep`/`kept_index` describe a V:N:M mask to hold.
+
+    `act_order` rounds the input channels with the largest calibration energy (Hessian diagonal) first, so their
+    errors can still be absorbed by the others; the scales stay those of the storage-order groups, so the artifact
+    needs no permutation.
 
     Returns (the dequantized float32 weight, whose entries are exactly code * scale and zero where pruned;
     fp16 scales [R, groups]).
@@ -55,13 +59,21 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group:
     scales, scale_map = group_scales(weight, bits, group, kept_index)
     top = qmax(bits)
     mask = None if keep is None else keep.to(weight.device)
+    order = None
+    if act_order:
+        order = torch.argsort(hessian.diagonal(), descending=True, stable=True).to(weight.device)
+        weight, hessian, scale_map = weight[:, order], hessian[order][:, order], scale_map[:, order]
+        mask = None if mask is None else mask[:, order]
 
     def target(col: torch.Tensor, i: int) -> torch.Tensor:
         s = scale_map[:, i].double()
         q = torch.round(col / s).clamp(-top, top) * s
         return q if mask is None else torch.where(mask[:, i], q, torch.zeros_like(q))
 
-    return obs_solve(weight, hessian, target, damp, block), scales
+    out = obs_solve(weight, hessian, target, damp, block)
+    if order is not None:
+        out = out[:, torch.argsort(order)]
+    return out, scales
 
 
 __all__ = ["gptq_quantize", "group_scales", "codes_for_scales"]
