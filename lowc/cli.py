@@ -58,14 +58,24 @@ def cli(verbose: bool) -> None:
 @click.option("--vnm", help="V:N:M sparsity, e.g. 64:2:5 (density 2/M; M=4 is 2:4), or 'auto' with --sparsity.")
 @click.option("--sparsity", type=float, help="With --vnm auto: fraction of weights to prune (0.5-0.875); V and M are chosen per layer type.")
 @click.option("--pad-rows", is_flag=True, default=None, help="Pad layers whose rows are not a multiple of V with zero rows (else an error).")
-@click.option("--wbits", type=int, help="Integer weight bits: 4, 6 or 8 (symmetric, per output channel per group).")
-@click.option("--method", type=click.Choice(["rtn", "gptq"]),
-              help="Weight rounding: round-to-nearest (default) or GPTQ error compensation (needs --calib).")
+@click.option("--wbits", type=int,
+              help="Integer weight bits: 8, 6, 4, or 3 / 2 for the arbitrary-bit path (symmetric, per output channel "
+                   "per group).")
+@click.option("--method", type=click.Choice(["rtn", "gptq", "awq"]),
+              help="Weight rounding: round-to-nearest (default), GPTQ error compensation or AWQ activation-aware "
+                   "scales + clipping (the last two need --calib).")
+@click.option("--act-order", is_flag=True, default=None,
+              help="With --method gptq: round the input channels with the most calibration energy first.")
 @click.option("--abits", type=click.Choice(["6", "8", "16"]),
               help="Activation bits: per-token symmetric A8 or A6 on the inputs of integer-weight Linears (16 = off).")
 @click.option("--a8-budget", type=float,
               help="With --abits 6: keep A8 on the layers most sensitive to A6, up to this fraction of their FLOPs "
                    "(FlexQ; needs --calib).")
+@click.option("--smooth", is_flag=True, default=None,
+              help="SmoothQuant: move activation outliers into the weights before A8/A6 quantization (per-channel "
+                   "factors folded into the previous norm/linear; needs --abits and --calib).")
+@click.option("--scale-alpha", type=float,
+              help="Strength (0-1) of --smooth / --method awq factors; default: searched per layer group.")
 @click.option("--group", type=int, help="Input columns per quantization group (default 128).")
 @click.option("--skip", multiple=True, help="Module-name pattern to keep dense (fnmatch, repeatable), e.g. '*.down_proj'.")
 @click.option("--importance", type=click.Choice(["magnitude", "wanda", "ria"]),
@@ -82,17 +92,19 @@ def cli(verbose: bool) -> None:
 @click.option("--dense-dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
               help="dtype of tensors kept as floats (embeddings, norms, skipped layers); auto keeps the checkpoint's.")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), help="YAML or JSON recipe; flags override it.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where calibration computes (e.g. cuda); the model stays in CPU memory, one layer at a time moves.")
 @click.option("--dry-run", is_flag=True, help="Print the per-module plan and the size estimate; write nothing.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is an existing lowc artifact.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: float | None, pad_rows: bool | None,
-             wbits: int | None, method: str | None, abits: str | None, a8_budget: float | None,
-             group: int | None,
+             wbits: int | None, method: str | None, act_order: bool | None, abits: str | None,
+             a8_budget: float | None, smooth: bool | None, scale_alpha: float | None, group: int | None,
              skip: tuple[str, ...], importance: str | None, reconstruct: str | None,
              permute: bool | None, permute_iterations: int | None,
              calib: Path | None, calib_samples: int | None,
-             calib_seqlen: int | None, dense_dtype: str | None, recipe_file: Path | None, dry_run: bool, force: bool,
-             quiet: bool) -> None:
+             calib_seqlen: int | None, dense_dtype: str | None, recipe_file: Path | None, device: str, dry_run: bool,
+             force: bool, quiet: bool) -> None:
     """Compress a Hugging Face CHECKPOINT directory into a lowc artifact."""
     from .checkpoint import Checkpoint
     from .compress.pipeline import compress as run_compress, make_plan
@@ -103,7 +115,8 @@ def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: f
                ("calib", None if calib is None else str(calib)), ("calib_samples", calib_samples),
                ("calib_seqlen", calib_seqlen), ("sparsity", sparsity), ("pad_rows", pad_rows), ("permute", permute),
                ("permute_iterations", permute_iterations), ("reconstruct", reconstruct), ("method", method),
-               ("abits", None if abits is None else int(abits)), ("a8_budget", a8_budget))
+               ("abits", None if abits is None else int(abits)), ("a8_budget", a8_budget), ("act_order", act_order),
+               ("smooth", smooth), ("scale_alpha", scale_alpha))
     for key, value in options:
         if value is not None:
             data[key] = value
@@ -121,7 +134,7 @@ def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: f
         return
     if output is None:
         raise UsageError("-o/--output: the artifact directory to create is required")
-    out = run_compress(checkpoint, output, recipe, force=force, progress=not quiet)
+    out = run_compress(checkpoint, output, recipe, force=force, progress=not quiet, device=device)
     if not quiet:
         from .artifact import open_artifact
 

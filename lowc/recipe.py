@@ -14,7 +14,7 @@ from .scheme import ACTIVATION_BITS, ModuleScheme
 
 from .compress.sparsity.importance import METHODS as IMPORTANCE_METHODS, NEEDS_CALIBRATION
 RECONSTRUCT_SOLVERS = ("lstsq", "obs")
-WEIGHT_METHODS = ("rtn", "gptq")
+WEIGHT_METHODS = ("rtn", "gptq", "awq")
 DENSE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -22,8 +22,8 @@ DENSE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 class Recipe:
     """What `lowc compress` does.
 
-    vnm: a V:N:M pattern such as "64:2:5" (None keeps weights dense). wbits: 4, 6 or 8 for symmetric integer
-    weights per output channel per `group` input columns (None keeps floats). skip: fnmatch patterns of module
+    vnm: a V:N:M pattern such as "64:2:5" (None keeps weights dense). wbits: 8, 6, 4, or 3 / 2 (for the arbitrary-bit
+    path) for symmetric integer weights per output channel per `group` input columns (None keeps floats). skip: fnmatch patterns of module
     names that stay dense, on top of the architecture's defaults (embeddings, lm_head). dense_dtype: the dtype of
     every tensor stored as floats (embeddings, norms, skipped layers, unquantized V:N:M values); "auto" keeps the
     checkpoint's. importance: magnitude, wanda or ria (the latter two need `calib`, a text file, of which
@@ -32,10 +32,14 @@ class Recipe:
     the model's function is unchanged); `permute_iterations` alternating rounds of the search. reconstruct: refit the
     kept weights of every pruned layer to its dense outputs on the calibration text, layer by layer ("lstsq": exact
     least squares per row; "obs": SparseGPT's faster sequential update); None prunes without refitting. method: how
-    weights are rounded: "rtn" (round to nearest) or "gptq" (rounding errors compensated through the calibration
-    Hessian, jointly with V:N:M pruning; needs `calib`). abits: 8 or 6 for per-token symmetric quantization of the
-    inputs of every integer-weight Linear (16 or None keeps them 16-bit); with abits 6, `a8_budget` (a fraction of the
-    quantized Linears' FLOPs) keeps A8 on the layers most sensitive to A6, measured on `calib` (FlexQ).
+    weights are rounded: "rtn" (round to nearest), "gptq" (rounding errors compensated through the calibration
+    Hessian, jointly with V:N:M pruning; needs `calib`; `act_order` rounds high-energy input channels first) or "awq"
+    (activation-aware per-channel scales folded into the previous op, clipped round to nearest). smooth: SmoothQuant
+    factors that move activation outliers into the weights before A8/A6 quantization (folded the same way).
+    `scale_alpha` fixes the strength of smooth/awq factors; by default it is searched per layer group. abits: 8 or 6
+    for per-token symmetric quantization of the inputs of every integer-weight Linear (16 or None keeps them
+    16-bit); with abits 6, `a8_budget` (a fraction of the quantized Linears' FLOPs) keeps A8 on the layers most
+    sensitive to A6, measured on `calib` (FlexQ).
     """
 
     vnm: str | None = None
@@ -55,6 +59,9 @@ class Recipe:
     method: str = "rtn"
     abits: int | None = None
     a8_budget: float | None = None
+    act_order: bool = False
+    smooth: bool = False
+    scale_alpha: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -124,6 +131,15 @@ class Recipe:
                 raise UsageError("--method gptq: rounds integer weights; give --wbits too")
             if not self.calib:
                 raise UsageError("--method gptq: needs calibration text, give --calib FILE")
+        if not isinstance(self.act_order, bool):
+            raise UsageError(f"--act-order: expected true or false, got {self.act_order!r}")
+        if self.act_order and self.method != "gptq":
+            raise UsageError("--act-order: orders GPTQ's column walk; give --method gptq")
+        if self.method == "awq":
+            if self.wbits is None:
+                raise UsageError("--method awq: scales integer weights; give --wbits too")
+            if not self.calib:
+                raise UsageError("--method awq: needs calibration text, give --calib FILE")
         if self.abits == 16:
             self.abits = None
         if self.abits is not None:
@@ -140,6 +156,22 @@ class Recipe:
             if not self.calib:
                 raise UsageError("--a8-budget: layer sensitivity is measured on calibration text, give --calib FILE")
             self.a8_budget = float(self.a8_budget)
+        if not isinstance(self.smooth, bool):
+            raise UsageError(f"--smooth: expected true or false, got {self.smooth!r}")
+        if self.smooth:
+            if self.abits is None:
+                raise UsageError("--smooth: moves activation outliers into the weights for --abits 6 or 8; give --abits")
+            if self.method == "awq":
+                raise UsageError("--smooth and --method awq both choose per-channel scales; use one of them")
+            if not self.calib:
+                raise UsageError("--smooth: needs calibration text, give --calib FILE")
+        if self.scale_alpha is not None:
+            if self.scaling is None:
+                raise UsageError("--scale-alpha: sets the strength of --smooth or --method awq; give one of them")
+            if isinstance(self.scale_alpha, bool) or not isinstance(self.scale_alpha, (int, float)) \
+                    or not 0 < self.scale_alpha < 1:
+                raise UsageError(f"--scale-alpha: expected a number between 0 and 1, got {self.scale_alpha!r}")
+            self.scale_alpha = float(self.scale_alpha)
         if not isinstance(self.permute, bool):
             raise UsageError(f"--permute: expected true or false, got {self.permute!r}")
         if isinstance(self.permute_iterations, bool) or not isinstance(self.permute_iterations, int) \
@@ -149,8 +181,13 @@ class Recipe:
             raise UsageError(f"--dense-dtype: expected one of {', '.join(DENSE_DTYPES)}, got {self.dense_dtype!r}")
 
     @property
+    def scaling(self) -> str | None:
+        """Which per-channel scaling compress searches and folds: "smooth", "awq" or None."""
+        return "smooth" if self.smooth else "awq" if self.method == "awq" else None
+
+    @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq" or self.a8_budget is not None or (self.vnm is not None and (
+        return self.method in ("gptq", "awq") or self.smooth or self.a8_budget is not None or (self.vnm is not None and (
             self.importance in NEEDS_CALIBRATION
                                                                      or self.reconstruct is not None))
 

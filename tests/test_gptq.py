@@ -79,4 +79,4 @@ def test_gptq_needs_bits_and_calibration(tiny_llama, tmp_path):
     with pytest.raises(UsageError, match="--calib"):
         lowc.compress(tiny_llama, tmp_path / "b", wbits=4, method="gptq", progress=False)
     with pytest.raises(UsageError, match="--method"):
-        lowc.compress(tiny_llama, tmp_path / "c", wbits=4, method="awq", calib="x.txt", progress=False)
+        lowc.compress(tiny_llama, tmp_path / "c", wbits=4, method="hqq", calib="x.txt", progress=False)

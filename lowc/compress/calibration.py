@@ -68,8 +68,14 @@ def walk_layers(model: torch.nn.Module, ids: torch.Tensor, observe: Callable[[st
     For every Linear inside a layer, `observe(name, linear)` returns a forward pre-hook that sees its inputs. When
     `after(prefix, layer)` is given it runs once the layer has seen all samples (e.g. to change its weights), and the
     layer's outputs are then recomputed so that the next layer sees the changed one.
+
+    The layers run on `ids.device`: each is moved there for its turn and back afterwards, so a model held in CPU
+    memory calibrates on a GPU that only needs one layer and the hidden states of the samples.
     """
-    hidden = torch.cat([embed_inputs(model, ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)])
+    device = ids.device
+    home = next(model.parameters()).device
+    hidden = torch.cat([embed_inputs(model, ids[i:i + batch_size].to(home)).to(device)
+                        for i in range(0, len(ids), batch_size)])
     runners = list(layer_runners(model, ids, batch_size))
 
     def forward(run) -> torch.Tensor:
@@ -78,6 +84,7 @@ def walk_layers(model: torch.nn.Module, ids: torch.Tensor, observe: Callable[[st
     with progress_bar(progress) as bar:
         task = bar.add_task(description, total=len(runners))
         for prefix, layer, run in runners:
+            layer.to(device)
             handles = [m.register_forward_pre_hook(observe(f"{prefix}.{n}", m)) for n, m in layer.named_modules()
                        if isinstance(m, torch.nn.Linear)]
             try:
@@ -88,11 +95,12 @@ def walk_layers(model: torch.nn.Module, ids: torch.Tensor, observe: Callable[[st
             if after is not None:
                 after(prefix, layer)
                 outputs = forward(run)
+            layer.to(home)
             hidden = outputs
             bar.advance(task)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: layers moved to another device must stay ordinary tensors
 def input_norms(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 8,
                 progress: bool = True) -> dict[str, torch.Tensor]:
     """||x_j||_2 over all calibration tokens for the input channels of every Linear inside the layers [K]."""
@@ -105,4 +113,4 @@ def input_norms(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 8,
         return record
 
     walk_layers(model, ids, observe, "calibrating", batch_size=batch_size, progress=progress)
-    return {name: s.sqrt().float() for name, s in sums.items()}
+    return {name: s.sqrt().float().cpu() for name, s in sums.items()}

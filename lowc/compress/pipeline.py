@@ -24,6 +24,7 @@ from .obs import SOLVERS
 from .quant.flexq import activation_sensitivity, choose_a8
 from .quant.gptq import codes_for_scales, gptq_quantize
 from .quant.rtn import quantize_rtn
+from .quant.scaling import scale_model
 from .sparsity.importance import NEEDS_CALIBRATION, importance_scores
 from .sparsity.permute import PermutationReport, permute_model
 from .sparsity.select import layer_type, select_vnm
@@ -188,12 +189,14 @@ def _reconstruct(model: torch.nn.Module, ids: torch.Tensor, scores: dict[str, to
         keep = kept = None
         if scheme.vnm is not None:
             columns, positions = vnm_mask(scores[name], scheme.vnm)
-            kept = kept_column_index(columns, positions, scheme.vnm)
-            keep = keep_mask(kept, scheme.shape)
+            kept = kept_column_index(columns, positions, scheme.vnm).to(weight.device)
+            keep = keep_mask(kept, scheme.shape).to(weight.device)
             if recipe.reconstruct:
                 weight = SOLVERS[recipe.reconstruct](weight, hessian, keep)
         if scheme.bits is not None and gptq:
-            weight, scales[name] = gptq_quantize(weight, hessian, scheme.bits, scheme.group, keep, kept)
+            weight, s = gptq_quantize(weight, hessian, scheme.bits, scheme.group, keep, kept,
+                                      act_order=recipe.act_order)
+            scales[name] = s.cpu()
         return weight
 
     errors = reconstruct_layers(model, ids, solve, targets, progress=progress)
@@ -208,6 +211,26 @@ def _reconstruct(model: torch.nn.Module, ids: torch.Tensor, scores: dict[str, to
     metrics = {"solver": recipe.reconstruct, "method": recipe.method, "output_rel_error_mean": mean,
                "output_rel_error": errors, "not_refitted": left}
     return metrics, scales
+
+
+def _scale(model: torch.nn.Module, ids: torch.Tensor, plan: Plan, recipe: Recipe,
+           progress: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    """SmoothQuant / AWQ: search per-channel factors for every group of quantized Linears and fold them into the
+    model in place (AWQ also searches clipped scales for round-to-nearest). Returns (the per-group choices for the
+    manifest, fp16 scales by module)."""
+    try:
+        groups, clipped = scale_model(model, ids, recipe.scaling, plan.schemes, recipe.scale_alpha,
+                                      clip=recipe.method == "awq", progress=progress)
+    except ValueError as e:
+        flag = "--smooth" if recipe.smooth else "--method awq"
+        raise UsageError(f"{flag}: {e}") from None
+    before = sum(g["error_before"] for g in groups.values())
+    after = sum(g["error_after"] for g in groups.values())
+    scaled = sum(g["alpha"] is not None for g in groups.values())
+    log.info("%s: factors folded into %d of %d groups; quantized calibration error %.4g -> %.4g (sum over groups)",
+             recipe.scaling, scaled, len(groups), before, after)
+    return {"kind": recipe.scaling, "alpha": recipe.scale_alpha if recipe.scale_alpha is not None else "searched",
+            "groups": groups}, clipped
 
 
 def _choose_activation_bits(model: torch.nn.Module, ids: torch.Tensor, plan: Plan, recipe: Recipe,
@@ -243,7 +266,8 @@ def _quantization_config(recipe: Recipe, plan: Plan) -> dict:
         "group_size": recipe.group if recipe.wbits else None,
         "sym": True,
         "method": recipe.method if recipe.wbits else None,
-        "act_order": False if recipe.wbits else None,
+        "act_order": recipe.act_order if recipe.wbits else None,
+        "scaling": recipe.scaling,
         "activation_bits": recipe.abits,
         "sparsity": None if not specs else {"format": "vnm", "v": spec.v if spec else "per-module", "n": 2,
                                             "m": spec.m if spec else sorted({s.m for s in specs})},
@@ -252,12 +276,18 @@ def _quantization_config(recipe: Recipe, plan: Plan) -> dict:
 
 
 def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict | None = None, *,
-             force: bool = False, progress: bool = True, tags: tuple[str, ...] = (), **options) -> Path:
+             force: bool = False, progress: bool = True, tags: tuple[str, ...] = (),
+             device: str | torch.device = "cpu", **options) -> Path:
     """Compress a Hugging Face checkpoint directory into a lowc artifact directory and return its path.
 
     `recipe` (a Recipe or dict) says what to do; keyword options (vnm="64:2:5", wbits=6, group=128, skip=[...])
     build or override it. Nothing is written unless the whole artifact is written: the output appears atomically.
+    `device` is where calibration computes (a GPU makes GPTQ and scale searches on large models fast); the model
+    stays in CPU memory and only the layer being calibrated is moved there.
     """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine")
     if isinstance(recipe, dict):
         recipe = Recipe.from_dict(recipe)
     if options:
@@ -274,6 +304,8 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
     model = _load_dense(ckpt) if recipe.needs_calibration or recipe.permutes else None
     ids, norms, calibration = (_calibrate(model, ckpt, recipe, plan, progress) if recipe.needs_calibration
                                else (None, {}, None))
+    if ids is not None:
+        ids = ids.to(device)
 
     def importance(module: str, weight: torch.Tensor) -> torch.Tensor:
         return importance_scores(weight, recipe.importance, norms.get(module))
@@ -288,20 +320,23 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
     if recipe.permutes:
         permutation = _permute(model, scores, plan, recipe, progress)
         scores = permutation.importance
-    gptq_scales: dict[str, torch.Tensor] = {}
+    scaling, static_scales = _scale(model, ids, plan, recipe, progress) if recipe.scaling else (None, {})
     if recipe.refits:
         reconstruction, gptq_scales = _reconstruct(model, ids, scores, plan, recipe, progress)
+        static_scales.update(gptq_scales)
     activation_bits = _choose_activation_bits(model, ids, plan, recipe, progress) if recipe.a8_budget is not None else None
-    if (permutation is not None and permutation.permutations) or reconstruction is not None:
+    if (permutation is not None and permutation.permutations) or reconstruction is not None or scaling is not None:
         modified = model.state_dict()
+    scaled = {f"{g}.weight" for g in (scaling or {}).get("groups", {}) if modified[f"{g}.weight"].dim() == 1}
     del model
 
     def source(name: str) -> torch.Tensor:
-        """A checkpoint tensor as permuted / refitted in memory: compressed weights in float32, the rest in the
-        checkpoint's dtype."""
+        """A checkpoint tensor as permuted / refitted / scaled in memory: compressed weights in float32, norms that
+        absorbed scaling factors in float32 too (rounding them back would undo part of the factors' work), the rest
+        in the checkpoint's dtype."""
         if name not in modified:
             return ckpt.get(name)
-        if name.endswith(".weight") and name[: -len(".weight")] in plan.schemes:
+        if name.endswith(".weight") and name[: -len(".weight")] in plan.schemes or name in scaled:
             return modified[name].float()
         return modified[name].to(STORED_DTYPES.get(ckpt.safetensors_dtype(name), modified[name].dtype))
 
@@ -316,7 +351,7 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
                 score = None
                 if scheme.vnm is not None:
                     score = scores.pop(module) if module in scores else importance(module, weight)
-                packed = compress_module(weight, scheme, score, gptq_scales.pop(module, None))
+                packed = compress_module(weight, scheme, score, static_scales.pop(module, None))
                 for suffix, t in packed.items():
                     writer.add(f"{module}.{suffix}", t)
                 w = weight.float()
@@ -342,6 +377,8 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
             metrics["permutation"] = permutation.to_dict()
         if reconstruction is not None:
             metrics["reconstruction"] = reconstruction
+        if scaling is not None:
+            metrics["scaling"] = scaling
         if activation_bits is not None:
             metrics["activation_bits"] = activation_bits
         manifest = {
