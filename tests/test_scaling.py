@@ -146,6 +146,14 @@ def test_act_order_keeps_storage_scales_and_helps_with_skewed_energy():
     assert err(ordered) < 0.95 * err(plain)
 
 
+def _logit_errors(checkpoint, artifacts) -> list[float]:
+    """Relative logit error of each artifact against the checkpoint on fixed random ids."""
+    ids = torch.randint(3, LLAMA["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = lowc.load(checkpoint)(ids)
+        return [float((lowc.load(a)(ids) - ref).norm() / ref.norm()) for a in artifacts]
+
+
 def test_compress_smooth_records_factors_and_beats_plain_a6(tiny_llama, tiny_text, tmp_path):
     common = dict(wbits=8, group=32, abits=6, calib=tiny_text, calib_samples=8, calib_seqlen=32, progress=False)
     smooth = lowc.compress(tiny_llama, tmp_path / "smooth", smooth=True, **common)
@@ -154,12 +162,7 @@ def test_compress_smooth_records_factors_and_beats_plain_a6(tiny_llama, tiny_tex
     groups = art.manifest["metrics"]["scaling"]["groups"]
     assert len(groups) == 8 and all(g["error_after"] <= g["error_before"] for g in groups.values())
     assert art.get("model.layers.0.input_layernorm.weight").dtype == torch.float32  # factors not rounded away
-    dense = lowc.load(tiny_llama)
-    ids = torch.randint(3, LLAMA["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = dense(ids)
-        errors = [float((lowc.load(a)(ids) - ref).norm() / ref.norm())
-                  for a in (lowc.compress(tiny_llama, tmp_path / "plain", **common), smooth)]
+    errors = _logit_errors(tiny_llama, [lowc.compress(tiny_llama, tmp_path / "plain", **common), smooth])
     assert errors[1] < errors[0], errors
 
 
@@ -170,12 +173,7 @@ def test_compress_awq_w4_beats_round_to_nearest(tiny_llama, tiny_text, tmp_path)
     config = json.loads((awq / "config.json").read_text())["quantization_config"]
     assert config["method"] == "awq" and config["scaling"] == "awq"
     assert "clip" in next(iter(open_artifact(awq).manifest["metrics"]["scaling"]["groups"].values()))
-    dense = lowc.load(tiny_llama)
-    ids = torch.randint(3, LLAMA["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = dense(ids)
-        errors = [float((lowc.load(a)(ids) - ref).norm() / ref.norm())
-                  for a in (lowc.compress(tiny_llama, tmp_path / "rtn", **common), awq)]
+    errors = _logit_errors(tiny_llama, [lowc.compress(tiny_llama, tmp_path / "rtn", **common), awq])
     assert errors[1] < errors[0], errors
 
 
