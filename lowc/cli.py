@@ -11,17 +11,8 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .console import format_bytes as _fmt_bytes
 from .errors import LowcError, UsageError
-
-
-def _fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _print_json(data: dict) -> None:
@@ -283,6 +274,11 @@ def demo(output: Path, vnm: str | None, wbits: int) -> None:
     from .demo import run_demo
 
     run_demo(output, vnm=vnm, wbits=wbits)
+
+
+from .export.cli_command import export  # noqa: E402  (its own module: the command has many options)
+
+cli.add_command(export)
 
 
 def main(argv: list[str] | None = None) -> None:

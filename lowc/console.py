@@ -17,3 +17,14 @@ def progress_bar(enabled: bool = True) -> Progress:
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
         disable=not enabled or not sys.stderr.isatty(),
     )
+
+
+def format_bytes(n: float | None) -> str:
+    """1536 -> '1.50 KiB' (binary units; '?' when unknown)."""
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)

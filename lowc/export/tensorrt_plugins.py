@@ -1,0 +1,182 @@
+"""TensorRT plugins for lowc's ONNX ops, written to the `tensorrt.plugin` (quickly deployable plugins) API.
+
+TensorRT's ONNX parser imports a node as a plugin when the node carries a `plugin_namespace` attribute and a plugin
+`{plugin_namespace}::{op_type}` of version `plugin_version` is registered; otherwise it inlines the node's ONNX
+local function. lowc's nodes carry `plugin_namespace="lowc"`, `plugin_version="1"` (onnx_ops.py), and this module
+registers `lowc::Int6Gemm`, `lowc::VNMGemm`, `lowc::VNMQGemm` and `lowc::SageAttention` under the same names.
+
+What is here and testable without TensorRT: the plugin records (name, namespace, version, inputs, attributes), the
+shape functions as plain Python over any dimension type (ints here, `tensorrt.plugin.ShapeExpr` in TensorRT), and
+`plugin_compute`, the torch computation the plugins' `impl` runs. What needs TensorRT: `register_plugins()`, which
+imports `tensorrt.plugin` and registers descriptors and JIT implementations (`trtp.register` + `trtp.impl`). The
+JIT implementation runs lowc's torch reference kernels on TensorRT's stream (and lowc's Triton SageAttention kernel
+for fp16/bf16 attention on CUDA): correct, not fast. AOT (`trtp.aot_impl`, Triton compiled to PTX) implementations
+and CUDA C++ V:N:M / BTC kernels are not built yet.
+"""
+
+# No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions' annotations as real
+# types (TensorDesc, int, float) to build the plugin signatures, so they must not be postponed into strings.
+from typing import Sequence
+
+import torch
+
+from ..compress.sparsity.vnm import VNMSpec
+from ..kernels import reference
+from ..scheme import ModuleScheme
+from .onnx_ops import OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION, SAGE_ATTENTION, LowcOp
+
+
+def plugin_records(op_names: set[str] | Sequence[str]) -> list[dict]:
+    """The TensorRT plugins an exported model needs, as JSON-ready records (name, namespace, version, id, ...)."""
+    records = []
+    for name in sorted(op_names):
+        op = OPS[name]
+        records.append({"name": op.name, "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
+                        "id": op.plugin_id, "inputs": list(op.inputs),
+                        "attributes": {a: t.__name__ for a, t in op.attributes}})
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ shape functions
+def gemm_output_shape(x: Sequence, weight: Sequence) -> list:
+    """Y of a lowc GEMM: X's shape with the last dimension replaced by the weight's rows (qweight/values dim 0)."""
+    if len(x) < 2 or len(weight) != 2:
+        raise ValueError(f"a lowc GEMM takes X of rank >= 2 and a 2-D weight, got ranks {len(x)} and {len(weight)}")
+    return [*x[:-1], weight[0]]
+
+
+def attention_output_shape(q: Sequence, k: Sequence, v: Sequence) -> list:
+    """Y of SageAttention: Q's shape [B, Hq, Sq, D]."""
+    if not len(q) == len(k) == len(v) == 4:
+        raise ValueError(f"SageAttention takes 4-D Q, K, V, got ranks {len(q)}, {len(k)}, {len(v)}")
+    return list(q)
+
+
+SHAPE_FUNCTIONS = {"Int6Gemm": lambda x, qweight, scales: gemm_output_shape(x, qweight),
+                   "VNMGemm": lambda x, values, columns, positions: gemm_output_shape(x, values),
+                   "VNMQGemm": lambda x, qweight, scales, columns, positions: gemm_output_shape(x, qweight),
+                   "SageAttention": lambda q, k, v, bias: attention_output_shape(q, k, v)}
+
+
+# ----------------------------------------------------------------------------------------------------- compute
+def _scheme(op: str, x: torch.Tensor, rows: int, attrs: dict) -> ModuleScheme:
+    shape = (rows, x.shape[-1])
+    if op == "Int6Gemm":
+        return ModuleScheme(op, shape, None, 6, attrs["group"])
+    vnm = VNMSpec(attrs["v"], 2, attrs["m"])
+    if op == "VNMGemm":
+        return ModuleScheme(op, shape, vnm, None)
+    return ModuleScheme(op, shape, vnm, attrs["bits"], attrs["group"])
+
+
+def plugin_compute(op: str, inputs: Sequence[torch.Tensor], attrs: dict) -> torch.Tensor:
+    """What plugin `op` computes, in torch (the plugins' JIT implementation; the ONNX functions compute the same)."""
+    if op == SAGE_ATTENTION.name:
+        q, k, v, bias = inputs
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not bias.any():
+            from ..kernels.sage_attention import sage_attention
+
+            return sage_attention(q, k, v, causal=bool(attrs["causal"]), sm_scale=attrs["scale"])
+        scores_bias = bias.float()
+        group = q.shape[1] // k.shape[1]
+        kr, vr = k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
+        scores = torch.matmul(q.float(), kr.transpose(-1, -2)) * attrs["scale"]
+        if attrs["causal"]:
+            sq, sk = q.shape[-2], k.shape[-2]
+            visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+            scores = scores.masked_fill(~visible, float("-inf"))
+        return torch.matmul(torch.softmax(scores + scores_bias, -1), vr).to(q.dtype)
+    x = inputs[0]
+    if op == "Int6Gemm":
+        tensors = {"qweight": inputs[1], "scales": inputs[2]}
+    elif op == "VNMGemm":
+        tensors = {"values": inputs[1], "columns": inputs[2], "positions": inputs[3]}
+    elif op == "VNMQGemm":
+        tensors = {"qweight": inputs[1], "scales": inputs[2], "columns": inputs[3], "positions": inputs[4]}
+    else:
+        raise ValueError(f"unknown lowc op {op!r} (known: {', '.join(OPS)})")
+    return reference.packed_linear(x, tensors, _scheme(op, x, inputs[1].shape[0], attrs))
+
+
+# ---------------------------------------------------------------------------------------------- registration
+_REGISTERED = False
+
+
+def register_plugins() -> list[str]:
+    """Register every lowc plugin with TensorRT's plugin registry (idempotent); returns the plugin ids.
+
+    Needs `tensorrt` (>= 10.7, for `tensorrt.plugin`) and torch with CUDA for the implementations.
+    """
+    global _REGISTERED
+    from .tensorrt_engine import require_tensorrt
+
+    require_tensorrt()
+    if not _REGISTERED:
+        _define_plugins()
+        _REGISTERED = True
+    return [op.plugin_id for op in OPS.values()]
+
+
+def _define_plugins() -> None:
+    import tensorrt.plugin as trtp
+
+    def desc(op: LowcOp, *tensors):
+        shape = SHAPE_FUNCTIONS[op.name](*(list(t.shape_expr) for t in tensors))
+        return trtp.from_shape_expr(trtp.ShapeExprs.from_tuple(tuple(shape)), dtype=tensors[0].dtype)
+
+    def run(op: LowcOp, tensors, attrs, outputs, stream) -> None:
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            args = [torch.as_tensor(t, device="cuda") for t in tensors]
+            out = torch.as_tensor(outputs[0], device="cuda")
+            out.copy_(plugin_compute(op.name, args, attrs).to(out.dtype))
+
+    op = OPS["Int6Gemm"]
+
+    @trtp.register(op.plugin_id)
+    def _int6_desc(X: trtp.TensorDesc, qweight: trtp.TensorDesc, scales: trtp.TensorDesc,
+                   group: int) -> trtp.TensorDesc:
+        return desc(OPS["Int6Gemm"], X, qweight, scales)
+
+    @trtp.impl(op.plugin_id)
+    def _int6_impl(X: trtp.Tensor, qweight: trtp.Tensor, scales: trtp.Tensor, group: int,
+                   outputs: tuple[trtp.Tensor], stream: int) -> None:
+        run(OPS["Int6Gemm"], (X, qweight, scales), {"group": group}, outputs, stream)
+
+    op = OPS["VNMGemm"]
+
+    @trtp.register(op.plugin_id)
+    def _vnm_desc(X: trtp.TensorDesc, values: trtp.TensorDesc, columns: trtp.TensorDesc,
+                  positions: trtp.TensorDesc, v: int, m: int) -> trtp.TensorDesc:
+        return desc(OPS["VNMGemm"], X, values, columns, positions)
+
+    @trtp.impl(op.plugin_id)
+    def _vnm_impl(X: trtp.Tensor, values: trtp.Tensor, columns: trtp.Tensor, positions: trtp.Tensor, v: int,
+                  m: int, outputs: tuple[trtp.Tensor], stream: int) -> None:
+        run(OPS["VNMGemm"], (X, values, columns, positions), {"v": v, "m": m}, outputs, stream)
+
+    op = OPS["VNMQGemm"]
+
+    @trtp.register(op.plugin_id)
+    def _vnmq_desc(X: trtp.TensorDesc, qweight: trtp.TensorDesc, scales: trtp.TensorDesc,
+                   columns: trtp.TensorDesc, positions: trtp.TensorDesc, bits: int, group: int, v: int,
+                   m: int) -> trtp.TensorDesc:
+        return desc(OPS["VNMQGemm"], X, qweight, scales, columns, positions)
+
+    @trtp.impl(op.plugin_id)
+    def _vnmq_impl(X: trtp.Tensor, qweight: trtp.Tensor, scales: trtp.Tensor, columns: trtp.Tensor,
+                   positions: trtp.Tensor, bits: int, group: int, v: int, m: int, outputs: tuple[trtp.Tensor],
+                   stream: int) -> None:
+        run(OPS["VNMQGemm"], (X, qweight, scales, columns, positions),
+            {"bits": bits, "group": group, "v": v, "m": m}, outputs, stream)
+
+    op = OPS["SageAttention"]
+
+    @trtp.register(op.plugin_id)
+    def _attn_desc(Q: trtp.TensorDesc, K: trtp.TensorDesc, V: trtp.TensorDesc, bias: trtp.TensorDesc,
+                   causal: int, scale: float) -> trtp.TensorDesc:
+        return desc(OPS["SageAttention"], Q, K, V, bias)
+
+    @trtp.impl(op.plugin_id)
+    def _attn_impl(Q: trtp.Tensor, K: trtp.Tensor, V: trtp.Tensor, bias: trtp.Tensor, causal: int, scale: float,
+                   outputs: tuple[trtp.Tensor], stream: int) -> None:
+        run(OPS["SageAttention"], (Q, K, V, bias), {"causal": causal, "scale": scale}, outputs, stream)
