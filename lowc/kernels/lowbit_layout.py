@@ -87,7 +87,8 @@ def to_lowbit_layout(qweight: torch.Tensor, scales: torch.Tensor, bits: int, gro
     """Convert canonical `qweight` [N, packed_columns(columns, bits)] and `scales` [N, ceil(columns/group)] into
     the kernel layout, on the tensors' device. Raises ValueError on shapes that do not match the format."""
     if bits not in GEMM_BITS:
-        raise ValueError(f"the low-bit GEMM kernels take INT{'/INT'.join(map(str, GEMM_BITS))} weights, got INT{bits}")
+        raise ValueError(f"the low-bit GEMM kernels take bits in {GEMM_BITS} (INT2/INT3 run on the reference path), "
+                         f"got bits={bits}")
     if qweight.dim() != 2 or qweight.shape[1] != packed_columns(columns, bits):
         raise ValueError(f"qweight must be [N, {packed_columns(columns, bits)}] for {columns} INT{bits} columns, "
                          f"got {list(qweight.shape)}")
