@@ -25,6 +25,9 @@ class ModuleScheme:
     dtype: str = "bfloat16"  # dtype of float tensors kept as floats (V:N:M values without bits, bias)
     bias: bool = False
     abits: int | None = None  # per-token symmetric activation quantization of the inputs (6 or 8); None = 16-bit
+    # inputs divided per channel by the stored `smooth` [K] before that quantization: SmoothQuant factors that no
+    # preceding op could absorb (the weight already holds W * smooth); only with abits
+    smooth: bool = False
 
     @property
     def stored_columns(self) -> int:
@@ -56,6 +59,8 @@ class ModuleScheme:
             out["weight"] = ((rows, cols), self.dtype)
         if self.bias:
             out["bias"] = ((rows,), self.dtype)
+        if self.smooth:
+            out["smooth"] = ((cols,), "float32")
         return out
 
     def nbytes(self) -> int:
@@ -84,6 +89,7 @@ class ModuleScheme:
             "dtype": self.dtype,
             "bias": self.bias,
             "abits": self.abits,
+            **({"smooth": True} if self.smooth else {}),
         }
 
     @classmethod
@@ -119,4 +125,7 @@ class ModuleScheme:
         abits = data.get("abits")
         if abits is not None and (abits not in ACTIVATION_BITS or isinstance(abits, bool) or bits is None):
             raise ArtifactError(f"{where}: 'abits' must be one of {ACTIVATION_BITS} (with 'bits') or null, got {abits!r}")
-        return cls(name, (shape[0], shape[1]), vnm, bits, group, dtype, bias, abits)
+        smooth = data.get("smooth", False)
+        if not isinstance(smooth, bool) or (smooth and abits is None):
+            raise ArtifactError(f"{where}: 'smooth' must be true (with 'abits') or false, got {smooth!r}")
+        return cls(name, (shape[0], shape[1]), vnm, bits, group, dtype, bias, abits, smooth)

@@ -214,23 +214,28 @@ def _reconstruct(model: torch.nn.Module, ids: torch.Tensor, scores: dict[str, to
 
 
 def _scale(model: torch.nn.Module, ids: torch.Tensor, plan: Plan, recipe: Recipe,
-           progress: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+           progress: bool) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """SmoothQuant / AWQ: search per-channel factors for every group of quantized Linears and fold them into the
-    model in place (AWQ also searches clipped scales for round-to-nearest). Returns (the per-group choices for the
-    manifest, fp16 scales by module)."""
+    model in place (AWQ also searches clipped scales for round-to-nearest); factors no op can absorb stay online
+    (the modules' schemes get `smooth`). Returns (the per-group choices for the manifest, fp16 scales by module,
+    online factors by module)."""
     try:
-        groups, clipped = scale_model(model, ids, recipe.scaling, plan.schemes, recipe.scale_alpha,
-                                      clip=recipe.method == "awq", progress=progress)
+        result = scale_model(model, ids, recipe.scaling, plan.schemes, recipe.scale_alpha,
+                             clip=recipe.method == "awq", progress=progress)
     except ValueError as e:
         flag = "--smooth" if recipe.smooth else "--method awq"
         raise UsageError(f"{flag}: {e}") from None
+    groups = result.groups
+    for module in result.online:
+        plan.schemes[module] = dataclasses.replace(plan.schemes[module], smooth=True)
     before = sum(g["error_before"] for g in groups.values())
     after = sum(g["error_after"] for g in groups.values())
     scaled = sum(g["alpha"] is not None for g in groups.values())
-    log.info("%s: factors folded into %d of %d groups; quantized calibration error %.4g -> %.4g (sum over groups)",
-             recipe.scaling, scaled, len(groups), before, after)
+    log.info("%s: factors chosen for %d of %d groups (%d modules divide their inputs online); quantized calibration "
+             "error %.4g -> %.4g (sum over groups)", recipe.scaling, scaled, len(groups), len(result.online),
+             before, after)
     return {"kind": recipe.scaling, "alpha": recipe.scale_alpha if recipe.scale_alpha is not None else "searched",
-            "groups": groups}, clipped
+            "groups": groups}, result.clipped, result.online
 
 
 def _choose_activation_bits(model: torch.nn.Module, ids: torch.Tensor, plan: Plan, recipe: Recipe,
@@ -320,14 +325,15 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
     if recipe.permutes:
         permutation = _permute(model, scores, plan, recipe, progress)
         scores = permutation.importance
-    scaling, static_scales = _scale(model, ids, plan, recipe, progress) if recipe.scaling else (None, {})
+    scaling, static_scales, online = _scale(model, ids, plan, recipe, progress) if recipe.scaling else (None, {}, {})
     if recipe.refits:
         reconstruction, gptq_scales = _reconstruct(model, ids, scores, plan, recipe, progress)
         static_scales.update(gptq_scales)
     activation_bits = _choose_activation_bits(model, ids, plan, recipe, progress) if recipe.a8_budget is not None else None
     if (permutation is not None and permutation.permutations) or reconstruction is not None or scaling is not None:
         modified = model.state_dict()
-    scaled = {f"{g}.weight" for g in (scaling or {}).get("groups", {}) if modified[f"{g}.weight"].dim() == 1}
+    scaled = {f"{g}.weight" for g, info in (scaling or {}).get("groups", {}).items()
+              if not info.get("online") and modified[f"{g}.weight"].dim() == 1}
     del model
 
     def source(name: str) -> torch.Tensor:
@@ -352,6 +358,8 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
                 if scheme.vnm is not None:
                     score = scores.pop(module) if module in scores else importance(module, weight)
                 packed = compress_module(weight, scheme, score, static_scales.pop(module, None))
+                if scheme.smooth:
+                    packed["smooth"] = online.pop(module)
                 for suffix, t in packed.items():
                     writer.add(f"{module}.{suffix}", t)
                 w = weight.float()

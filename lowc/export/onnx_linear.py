@@ -7,7 +7,7 @@
 | INT6, dense | `lowc::Int6Gemm` on the artifact's packed bytes and fp16 scales |
 | V:N:M (float values) | `lowc::VNMGemm` on the artifact's values, columns and positions |
 | V:N:M + INT4/6/8 | `lowc::VNMQGemm` on the artifact's packed codes, scales, columns and positions |
-| `abits` (A8/A6) | per-token symmetric quantize-dequantize of the input in standard ops, then the above |
+| `abits` (A8/A6) | per-token symmetric quantize-dequantize of the input in standard ops (after `Div` by the module's `smooth` factors when it has them), then the above |
 
 INT2 / INT3 weights have no ONNX form here (no standard type; lowc's BTCGemm plugin is not built yet): such a module
 is refused, or with `allow_fallback` stored as its dequantized float32 weight and reported.
@@ -49,6 +49,13 @@ def dense_linear(b: Builder, x: str, weight: str, bias: str | None = None, hint:
     return y if bias is None else b.op("Add", [y, bias], f"{hint}.out")
 
 
+def _quantize_inputs(b: Builder, x: str, scheme: ModuleScheme, tensors: dict[str, torch.Tensor]) -> str:
+    """The module's A8/A6 input quantization, after its per-channel `smooth` division when it has one."""
+    if scheme.smooth:
+        x = b.op("Div", [x, b.initializer(f"{scheme.name}.smooth", tensors["smooth"])], f"{scheme.name}.smoothed")
+    return _quantize_activations(b, x, scheme.abits, scheme.name)
+
+
 def _quantize_activations(b: Builder, x: str, bits: int, hint: str) -> str:
     """Per-token symmetric fake quantization, exactly as `reference.quantize_activations` rounds (half away from 0)."""
     qmax = float(2 ** (bits - 1) - 1)
@@ -68,7 +75,7 @@ def packed_linear(b: Builder, x: str, scheme: ModuleScheme, tensors: dict[str, t
     """Emit y = x Wᵀ (+ b) for a compressed module from its artifact tensors; returns y's name (float32)."""
     name = scheme.name
     if scheme.abits is not None:
-        x = _quantize_activations(b, x, scheme.abits, name)
+        x = _quantize_inputs(b, x, scheme, tensors)
     if scheme.vnm is not None:
         pattern = [b.initializer(f"{name}.columns", tensors["columns"]),
                    b.initializer(f"{name}.positions", tensors["positions"])]
@@ -109,7 +116,7 @@ def fallback_linear(b: Builder, x: str, scheme: ModuleScheme, tensors: dict[str,
     """A module the target cannot express, computed from its dequantized float32 weight (exact, but larger)."""
     weight = b.initializer(f"{scheme.name}.weight", reference.dense_weight(tensors, scheme))
     if scheme.abits is not None:
-        x = _quantize_activations(b, x, scheme.abits, scheme.name)
+        x = _quantize_inputs(b, x, scheme, tensors)
     bias = None
     if "bias" in tensors:
         bias = b.cast(b.initializer(f"{scheme.name}.bias", tensors["bias"]), TensorProto.FLOAT, f"{scheme.name}.bias_f")

@@ -69,15 +69,17 @@ def quantize_activations(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
 def packed_linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], scheme) -> torch.Tensor:
     """y = x W^T (+ b) with W decoded from its packed form; returns x's dtype.
 
-    With `scheme.abits` the inputs are quantized per token first and the product is taken on the integer codes in
-    float64 (exact, like the kernels' int32 accumulation) before the weight and activation scales are applied.
+    With `scheme.abits` the inputs are quantized per token first (after dividing them per channel by `smooth` when
+    the scheme has it) and the product is taken on the integer codes in float64 (exact, like the kernels' int32
+    accumulation) before the weight and activation scales are applied.
     """
     weight = dense_weight(tensors, scheme)
     bias = tensors.get("bias")
     if getattr(scheme, "abits", None) is None:
         y = torch.nn.functional.linear(x.float(), weight, None if bias is None else bias.float())
         return y.to(x.dtype)
-    codes, scale = quantize_activations(x, scheme.abits)
+    xs = x.float() / tensors["smooth"] if getattr(scheme, "smooth", False) else x
+    codes, scale = quantize_activations(xs, scheme.abits)
     y = torch.nn.functional.linear(codes.double(), weight.double()) * scale.double().unsqueeze(-1)
     if bias is not None:
         y = y + bias.double()

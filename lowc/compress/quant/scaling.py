@@ -2,7 +2,10 @@
 
 A Linear computes X W^T = (X / s)(W s)^T for any positive per-input-channel factors s. Dividing the activations
 by s is free when the op that produces them (an RMSNorm, or a Linear whose output rows feed them) absorbs 1/s, so
-the factors fold into the weights and nothing changes at run time.
+the factors fold into the weights and nothing changes at run time. Where no op can absorb them (BERT's post-norm
+LayerNorms also feed the residual stream; a GELU sits between its MLP Linears), SmoothQuant factors are kept
+*online*: the module stores them (`smooth`) and its A8/A6 input quantization divides by them first, a per-channel
+multiply inside a pass that reads every activation anyway.
 
 - **SmoothQuant** (arXiv 2211.10438, `smooth`): s_j = max|X_j|^a / max|W_:j|^(1-a) migrates activation outliers into
   the weights, so per-token A8/A6 quantization loses less; `a` is the migration strength.
@@ -37,13 +40,15 @@ class ScaleGroup:
     """Linears that read the output channels of one op (`prev`), which absorbs 1/s.
 
     `repeat` > 1 when each channel of `prev` feeds `repeat` consecutive blocks of `block` input columns of the
-    Linears (a GQA v_proj feeding o_proj: every KV head serves `repeat` query heads).
+    Linears (a GQA v_proj feeding o_proj: every KV head serves `repeat` query heads). `online`: `prev` cannot absorb
+    1/s, the Linears divide their inputs themselves (only worth it, and only done, before A8/A6 quantization).
     """
 
     prev: str
     linears: tuple[str, ...]
     repeat: int = 1
     block: int = 0
+    online: bool = False
 
     def expand(self, s: torch.Tensor) -> torch.Tensor:
         """Factors of `prev`'s channels -> factors of the Linears' input columns."""
@@ -59,11 +64,20 @@ class ScaleGroup:
 
 
 def scale_groups(model: torch.nn.Module) -> dict[str, list[ScaleGroup]]:
-    """The foldable groups of every decoder layer, by layer prefix (Llama: norm -> q/k/v, v -> o, norm -> gate/up,
-    up -> down). Raises ValueError for architectures without such groups."""
-    if getattr(model, "kind", None) != "decoder":
-        raise ValueError("per-channel scaling folds factors into Llama's RMSNorms and projections; "
-                         "this architecture is not supported")
+    """The groups of every layer, by layer prefix. Llama (all folded): norm -> q/k/v, v -> o, norm -> gate/up,
+    up -> down. BERT: v -> o folded; norm -> q/k/v, norm -> intermediate and intermediate -> output online."""
+    if getattr(model, "kind", None) == "encoder":
+        out = {}
+        for i in range(len(model.encoder.layer)):
+            p = f"encoder.layer.{i}"
+            out[p] = [
+                ScaleGroup("embeddings.LayerNorm" if i == 0 else f"encoder.layer.{i - 1}.output.LayerNorm",
+                           tuple(f"{p}.attention.self.{n}" for n in ("query", "key", "value")), online=True),
+                ScaleGroup(f"{p}.attention.self.value", (f"{p}.attention.output.dense",)),
+                ScaleGroup(f"{p}.attention.output.LayerNorm", (f"{p}.intermediate.dense",), online=True),
+                ScaleGroup(f"{p}.intermediate.dense", (f"{p}.output.dense",), online=True),
+            ]
+        return out
     out = {}
     for i, layer in enumerate(model.model.layers):
         p = f"model.layers.{i}"
@@ -164,25 +178,57 @@ def fold_scales(model: torch.nn.Module, group: ScaleGroup, s: torch.Tensor) -> N
 
 
 @torch.no_grad()
+def apply_online(model: torch.nn.Module, group: ScaleGroup, s: torch.Tensor) -> list[torch.utils.hooks.RemovableHandle]:
+    """Multiply the Linears' input columns by s and make each divide its inputs by s (a forward pre-hook), so the
+    in-memory model keeps its function for the rest of compression, as the runtime will with the stored factors."""
+    cols = group.expand(s).float()
+    handles = []
+    for name in group.linears:
+        linear = model.get_submodule(name)
+        linear.weight.mul_(cols[None, :].to(linear.weight.device, linear.weight.dtype))
+
+        def divide(module, args, cols=cols):
+            return (args[0] / cols.to(args[0].device, args[0].dtype), *args[1:])
+        handles.append(linear.register_forward_pre_hook(divide))
+    return handles
+
+
+@dataclass
+class ScalingResult:
+    """What `scale_model` chose: summaries by group (keyed by `prev`), clipped fp16 scales by module (AWQ), and the
+    online factors by module (float32 [K], to store as the module's `smooth`)."""
+
+    groups: dict[str, dict]
+    clipped: dict[str, torch.Tensor]
+    online: dict[str, torch.Tensor]
+
+
+@torch.no_grad()
 def scale_model(model: torch.nn.Module, ids: torch.Tensor, kind: str, schemes: dict, alpha: float | None = None,
                 clip: bool = False, sample_tokens: int = 4096, batch_size: int = 8,
-                progress: bool = True) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+                progress: bool = True) -> ScalingResult:
     """Search and fold per-channel factors for every group whose Linears include a quantized one (`schemes`: module
-    name -> ModuleScheme), walking the calibration samples layer by layer.
+    name -> ModuleScheme), walking the calibration samples layer by layer. Online groups are scaled only when all
+    their Linears quantize their inputs (`abits`) and `kind` is smooth; the model keeps them as forward pre-hooks.
 
     With `clip`, each dense (not V:N:M) quantized Linear of a group also gets clipped round-to-nearest scales
-    searched on the scaled inputs. Returns (each group's summary by `prev`, fp16 scales by module).
+    searched on the scaled inputs.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown scaling {kind!r} (expected one of {', '.join(KINDS)})")
-    groups = {p: [g for g in gs if any(schemes.get(n) is not None and schemes[n].bits is not None
-                                       for n in g.linears)]
-              for p, gs in scale_groups(model).items()}
+
+    def wanted(g: ScaleGroup) -> bool:
+        quantized = [schemes.get(n) is not None and schemes[n].bits is not None for n in g.linears]
+        if g.online:
+            return kind == "smooth" and all(quantized) and all(schemes[n].abits is not None for n in g.linears)
+        return any(quantized)
+    groups = {p: [g for g in gs if wanted(g)] for p, gs in scale_groups(model).items()}
     first = {g.linears[0]: g for gs in groups.values() for g in gs}
     stride = max(1, -(-ids.numel() // sample_tokens))
     seen: dict[str, GroupInputs] = {}
     summaries: dict[str, dict] = {}
     clipped: dict[str, torch.Tensor] = {}
+    online: dict[str, torch.Tensor] = {}
 
     def observe(name: str, linear: torch.nn.Module):
         def record(module, args):
@@ -219,7 +265,12 @@ def scale_model(model: torch.nn.Module, ids: torch.Tensor, kind: str, schemes: d
             abits = [getattr(schemes.get(n), "abits", None) for n in group.linears]
             s, summaries[group.prev] = search_group(kind, inputs, weights, group,
                                                     [weight_quantizer(n) for n in group.linears], abits, alpha)
-            fold_scales(model, group, s)
+            if group.online:
+                apply_online(model, group, s)
+                online.update({n: group.expand(s).float().cpu().clone() for n in group.linears})
+                summaries[group.prev]["online"] = True
+            else:
+                fold_scales(model, group, s)
             folded.append((group, inputs, s))
         if clip:  # after every fold of the layer: a later group rescales the rows of an earlier group's Linears
             for group, inputs, s in folded:
@@ -235,7 +286,8 @@ def scale_model(model: torch.nn.Module, ids: torch.Tensor, kind: str, schemes: d
 
     walk_layers(model, ids, observe, "smoothing" if kind == "smooth" else "AWQ scales", after=after,
                 batch_size=batch_size, progress=progress)
-    return summaries, clipped
+    return ScalingResult(summaries, clipped, online)
 
 
-__all__ = ["ScaleGroup", "scale_groups", "candidate_scales", "search_group", "fold_scales", "scale_model", "KINDS"]
+__all__ = ["ScaleGroup", "ScalingResult", "scale_groups", "candidate_scales", "search_group", "fold_scales",
+           "apply_online", "scale_model", "KINDS"]
