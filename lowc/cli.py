@@ -280,6 +280,11 @@ from .export.cli_command import export  # noqa: E402  (its own module: the comma
 
 cli.add_command(export)
 
+from .runtime.serve_command import bench, serve  # noqa: E402
+
+cli.add_command(serve)
+cli.add_command(bench)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every failure becomes one line on stderr and exit code 2 (usage) or 1 (failure)."""
