@@ -257,14 +257,15 @@ def canonical_to_dense(values: torch.Tensor, columns: torch.Tensor, positions: t
 # fragments for sparse mma.m16n8k32 with .u8/.s8": each register has four non-zero elements out of 8 consecutive).
 # Metadata: 8 chunks x 16 rows x 4 bits = 512 bits per step, two threads per quad (selector 0: threadID_in_group 0
 # and 1). Which half each of them carries is drawn only in the ISA's figure, so both readings are supported and
-# the GPU benchmark checks which one the hardware uses (`META_MODES`):
+# the GPU benchmark checks which one the hardware uses (`META_MODES`; on an H100, sm_90a, it is "rows": every
+# "cols" check failed, every "rows" check passed, benchmarks/results/kernels_vnm_h100.json):
 #   "cols": lane 4g+h holds chunks 4h..4h+3 (dense columns 16h..16h+15) of row g in bits 15:0 and of row g+8 in
 #           bits 31:16, nibble c at bits 4c (the layout of the 16-bit-type m16n8k32 shape);
 #   "rows": lane 4g+h holds all 8 chunks of row g + 8h, nibble c at bits 4c.
 # ------------------------------------------------------------------------------------------------------------------
 
 META_MODES = ("cols", "rows")
-DEFAULT_META_MODE = "cols"  # unverified on hardware until benchmarks/kernels_vnm.py's INT8 checks have run
+DEFAULT_META_MODE = "rows"  # the reading the hardware uses (measured on an H100)
 
 
 @dataclass
