@@ -286,7 +286,8 @@ def run_serve(model_path: Path, a, device: str) -> dict:
     log(f"starting: lowc serve {model_path} --port {port} ...")
     logfile = open(Path(a.workdir) / "serve.log", "w")
     proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300

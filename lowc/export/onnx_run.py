@@ -22,7 +22,7 @@ def session(path: str | Path, provider: str = "CPUExecutionProvider", optimize: 
     optimize=False disables every graph optimization. With optimizations on, onnxruntime fuses the INT4/INT8
     `DequantizeLinear -> MatMul` pairs into `MatMulNBits`; by default it then quantizes the activations to int8
     (accuracy level 4, about 1e-2 relative error on logits). exact=True (default) sets accuracy level 0 so the fused
-    kernels compute in float like the graph says (`EXACT_SESSION_CONFIG`).
+    kernels compute in float like the graph says (`EXACT_SESSION_CONFIG`), and on the CUDA EP turns TF32 off.
     """
     try:
         import onnxruntime as ort
@@ -40,8 +40,11 @@ def session(path: str | Path, provider: str = "CPUExecutionProvider", optimize: 
     if exact:
         for key, value in EXACT_SESSION_CONFIG.items():
             options.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(Path(path) / "model.onnx") if Path(path).is_dir() else str(path), options,
-                                providers=[provider])
+    model = str(Path(path) / "model.onnx") if Path(path).is_dir() else str(path)
+    if exact and provider == "CUDAExecutionProvider":
+        # the CUDA EP computes float32 MatMuls in TF32 by default (10-bit mantissa): about 1e-3 relative error
+        return ort.InferenceSession(model, options, providers=[(provider, {"use_tf32": "0"})])
+    return ort.InferenceSession(model, options, providers=[provider])
 
 
 def empty_cache(sess, batch: int) -> dict[str, np.ndarray]:
