@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .compress.sparsity.ast_cli import add_ast_options, ast_options_to_dict
 from .console import format_bytes as _fmt_bytes
 from .errors import LowcError, UsageError
 
@@ -88,6 +89,7 @@ def cli(verbose: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the per-module plan and the size estimate; write nothing.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is an existing lowc artifact.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@add_ast_options
 def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: float | None, pad_rows: bool | None,
              wbits: int | None, method: str | None, act_order: bool | None, abits: str | None,
              a8_budget: float | None, smooth: bool | None, scale_alpha: float | None, group: int | None,
@@ -95,8 +97,11 @@ def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: f
              permute: bool | None, permute_iterations: int | None,
              calib: Path | None, calib_samples: int | None,
              calib_seqlen: int | None, dense_dtype: str | None, recipe_file: Path | None, device: str, dry_run: bool,
-             force: bool, quiet: bool) -> None:
-    """Compress a Hugging Face CHECKPOINT directory into a lowc artifact."""
+             force: bool, quiet: bool, ast_resume: bool, **ast_flags) -> None:
+    """Compress a Hugging Face CHECKPOINT directory into a lowc artifact.
+
+    The --ast-* options recover accuracy after V:N:M pruning by training (AST, docs/AST.md).
+    """
     from .checkpoint import Checkpoint
     from .compress.pipeline import compress as run_compress, make_plan
     from .recipe import Recipe
@@ -113,6 +118,9 @@ def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: f
             data[key] = value
     if skip:
         data["skip"] = [*data.get("skip", []), *skip]
+    ast = ast_options_to_dict(ast_flags, base=data.get("ast"))
+    if ast is not None:
+        data["ast"] = ast
     recipe = Recipe.from_dict(data, where="options")
     if not quiet:  # decisions such as the automatic V:N:M choice are explained on stderr
         logging.getLogger("lowc.compress").setLevel(logging.INFO)
@@ -122,11 +130,17 @@ def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: f
         ckpt = Checkpoint(checkpoint)
         plan = make_plan(ckpt, recipe)
         _print_plan(ckpt, plan)
+        if recipe.ast is not None:
+            from .compress.sparsity.ast import ASTConfig
+
+            _out_console().print(f"after pruning: {ASTConfig(**recipe.ast).steps} steps of AST recovery training "
+                                 f"on {recipe.calib} (docs/AST.md)")
         return
     if output is None:
         raise UsageError("-o/--output: the artifact directory to create is required")
-    out = run_compress(checkpoint, output, recipe, force=force, progress=not quiet, device=device)
-    if not quiet:
+    out = run_compress(checkpoint, output, recipe, force=force, progress=not quiet, device=device,
+                       ast_resume=ast_resume)
+    if not quiet and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes the artifact
         from .artifact import open_artifact
 
         _print_inspect(open_artifact(out, verify=False))

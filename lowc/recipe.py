@@ -39,7 +39,8 @@ class Recipe:
     `scale_alpha` fixes the strength of smooth/awq factors; by default it is searched per layer group. abits: 8 or 6
     for per-token symmetric quantization of the inputs of every integer-weight Linear (16 or None keeps them
     16-bit); with abits 6, `a8_budget` (a fraction of the quantized Linears' FLOPs) keeps A8 on the layers most
-    sensitive to A6, measured on `calib` (FlexQ).
+    sensitive to A6, measured on `calib` (FlexQ). ast: AST recovery training after V:N:M pruning, a mapping of
+    `ASTConfig` fields (`{"steps": 500, "slorb": True}`; docs/AST.md); trains on `calib`.
     """
 
     vnm: str | None = None
@@ -62,6 +63,7 @@ class Recipe:
     act_order: bool = False
     smooth: bool = False
     scale_alpha: float | None = None
+    ast: dict | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -179,6 +181,13 @@ class Recipe:
             raise UsageError(f"--permute-iterations: expected an integer from 1 to 20, got {self.permute_iterations!r}")
         if self.dense_dtype not in DENSE_DTYPES:
             raise UsageError(f"--dense-dtype: expected one of {', '.join(DENSE_DTYPES)}, got {self.dense_dtype!r}")
+        if self.ast is not None:
+            from .compress.sparsity.ast_cli import validate_ast_recipe
+
+            self.ast = dict(validate_ast_recipe(self.ast, self.vnm, self.calib))
+            if self.method == "awq":
+                raise UsageError("--ast-steps with --method awq: AWQ's clipped scales are searched on the weights "
+                                 "before AST changes them; use --method gptq or rtn with AST")
 
     @property
     def scaling(self) -> str | None:
@@ -187,9 +196,8 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in ("gptq", "awq") or self.smooth or self.a8_budget is not None or (self.vnm is not None and (
-            self.importance in NEEDS_CALIBRATION
-                                                                     or self.reconstruct is not None))
+        return (self.method in ("gptq", "awq") or self.smooth or self.a8_budget is not None or self.ast is not None
+                or (self.vnm is not None and (self.importance in NEEDS_CALIBRATION or self.reconstruct is not None)))
 
     @property
     def refits(self) -> bool:
@@ -206,7 +214,7 @@ class Recipe:
         return self.vnm is None and self.wbits is None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self)  # deep copies: `ast` is a new dict
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "recipe") -> "Recipe":

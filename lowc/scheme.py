@@ -28,6 +28,9 @@ class ModuleScheme:
     # inputs divided per channel by the stored `smooth` [K] before that quantization: SmoothQuant factors that no
     # preceding op could absorb (the weight already holds W * smooth); only with abits
     smooth: bool = False
+    # SLoRB (AST): a dense branch group_sums(x, slorb_group) @ S.T added to the output, S = the stored `slorb`
+    # [R, ceil(K / slorb_group)] in `dtype`; None = no branch
+    slorb_group: int | None = None
 
     @property
     def stored_columns(self) -> int:
@@ -61,6 +64,8 @@ class ModuleScheme:
             out["bias"] = ((rows,), self.dtype)
         if self.smooth:
             out["smooth"] = ((cols,), "float32")
+        if self.slorb_group is not None:
+            out["slorb"] = ((rows, -(-cols // self.slorb_group)), self.dtype)
         return out
 
     def nbytes(self) -> int:
@@ -78,6 +83,8 @@ class ModuleScheme:
             parts.append(f"V:N:M {self.vnm}")
         if self.bits is not None:
             parts.append(f"W{self.bits}{'' if self.abits is None else f'A{self.abits}'} g{self.group}")
+        if self.slorb_group is not None:
+            parts.append(f"SLoRB g{self.slorb_group}")
         return " + ".join(parts) or "dense"
 
     def to_json(self) -> dict:
@@ -90,6 +97,7 @@ class ModuleScheme:
             "bias": self.bias,
             "abits": self.abits,
             **({"smooth": True} if self.smooth else {}),
+            **({"slorb_group": self.slorb_group} if self.slorb_group is not None else {}),
         }
 
     @classmethod
@@ -128,4 +136,9 @@ class ModuleScheme:
         smooth = data.get("smooth", False)
         if not isinstance(smooth, bool) or (smooth and abits is None):
             raise ArtifactError(f"{where}: 'smooth' must be true (with 'abits') or false, got {smooth!r}")
-        return cls(name, (shape[0], shape[1]), vnm, bits, group, dtype, bias, abits, smooth)
+        slorb_group = data.get("slorb_group")
+        if slorb_group is not None and (not isinstance(slorb_group, int) or isinstance(slorb_group, bool)
+                                        or not 1 <= slorb_group <= 2**20):
+            raise ArtifactError(f"{where}: 'slorb_group' (SLoRB input channels per group) must be a positive "
+                                f"integer or absent, got {slorb_group!r}")
+        return cls(name, (shape[0], shape[1]), vnm, bits, group, dtype, bias, abits, smooth, slorb_group)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from ..checkpoint import Checkpoint
 from ..console import progress_bar
 from ..errors import CheckpointError, UsageError
 from ..kernels.packing import pack_2bit, pack_int
-from ..kernels.reference import dense_weight
+from ..kernels.reference import dense_weight, group_sums
 from ..models import build_model
 from ..recipe import Recipe
 from ..scheme import ModuleScheme
@@ -32,6 +35,7 @@ from .reconstruct import reconstruct_layers
 from .sparsity.vnm import VNMSpec, keep_mask, kept_column_index, vnm_compress, vnm_mask
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+AST_LOG = "ast_log.jsonl"  # AST's per-step log, copied into the artifact
 STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 log = logging.getLogger("lowc.compress")
 
@@ -70,6 +74,12 @@ def make_plan(ckpt: Checkpoint, recipe: Recipe, vnm_by_type: dict[str, VNMSpec] 
     with torch.device("meta"):
         model = build_model(ckpt.config)
     dtype = ckpt.dtype() if recipe.dense_dtype == "auto" else recipe.dense_dtype
+    slorb_group = None
+    if recipe.ast is not None:
+        from .sparsity.ast import ASTConfig
+
+        config = ASTConfig(**recipe.ast)
+        slorb_group = config.slorb_group if config.slorb else None
     schemes: dict[str, ModuleScheme] = {}
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or f"{name}.weight" not in ckpt.weight_map:
@@ -83,6 +93,8 @@ def make_plan(ckpt: Checkpoint, recipe: Recipe, vnm_by_type: dict[str, VNMSpec] 
             vnm = (vnm_by_type or {}).get(layer_type(name), VNMSpec(16, 2, recipe.auto_m))
         scheme = recipe.scheme_for(name, (shape[0], shape[1]), dtype, module.bias is not None,
                                    keep_dense=ckpt.architecture.keep_dense, vnm=vnm)
+        if scheme is not None and scheme.vnm is not None and slorb_group is not None:
+            scheme = dataclasses.replace(scheme, slorb_group=slorb_group)  # AST trains a SLoRB branch for it
         if scheme is not None and scheme.vnm is not None and shape[0] % scheme.vnm.v and not recipe.pad_rows:
             raise UsageError(f"--vnm {scheme.vnm}: {name} has {shape[0]} rows, not a multiple of V={scheme.vnm.v}; "
                              "choose a V that divides it or pass --pad-rows to pad with zero rows")
@@ -176,13 +188,18 @@ def _permute(model: torch.nn.Module, scores: dict[str, torch.Tensor], plan: Plan
 
 
 def _reconstruct(model: torch.nn.Module, ids: torch.Tensor, scores: dict[str, torch.Tensor], plan: Plan,
-                 recipe: Recipe, progress: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+                 recipe: Recipe, progress: bool, refit: bool | None = None,
+                 gptq: bool | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """Walk the dense model layer by layer: prune each V:N:M Linear by its scores and refit its kept weights
-    (`reconstruct`), round with GPTQ (`method: gptq`), or both. Returns (metrics, GPTQ's fp16 scales per module)."""
+    (`reconstruct`), round with GPTQ (`method: gptq`), or both. Returns (metrics, GPTQ's fp16 scales per module).
+
+    `refit` / `gptq` (default: as the recipe says) run one of the two alone: with AST the refit runs before training
+    and GPTQ after it, on the trained weights with AST's final masks (given by `scores`)."""
     scales: dict[str, torch.Tensor] = {}
-    gptq = recipe.method == "gptq"
+    refit = bool(recipe.reconstruct) if refit is None else refit
+    gptq = recipe.method == "gptq" if gptq is None else gptq
     targets = {m for m, s in plan.schemes.items()
-               if (s.vnm is not None and recipe.reconstruct) or (s.bits is not None and gptq)}
+               if (s.vnm is not None and refit) or (s.bits is not None and gptq)}
 
     def solve(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
         scheme = plan.schemes[name]
@@ -191,7 +208,7 @@ def _reconstruct(model: torch.nn.Module, ids: torch.Tensor, scores: dict[str, to
             columns, positions = vnm_mask(scores[name], scheme.vnm)
             kept = kept_column_index(columns, positions, scheme.vnm).to(weight.device)
             keep = keep_mask(kept, scheme.shape).to(weight.device)
-            if recipe.reconstruct:
+            if refit:
                 weight = SOLVERS[recipe.reconstruct](weight, hessian, keep)
         if scheme.bits is not None and gptq:
             weight, s = gptq_quantize(weight, hessian, scheme.bits, scheme.group, keep, kept,
@@ -205,10 +222,12 @@ def _reconstruct(model: torch.nn.Module, ids: torch.Tensor, scores: dict[str, to
         log.info("reconstruction: %d modules outside the decoder/encoder layers are compressed without it (%s)",
                  len(left), ", ".join(left[:3]))
     mean = sum(errors.values()) / max(1, len(errors))
-    what = " + ".join(x for x in (recipe.reconstruct and f"refit {recipe.reconstruct}", gptq and "GPTQ") if x)
+    what = " + ".join(x for x in (refit and f"refit {recipe.reconstruct}", gptq and "GPTQ") if x)
     log.info("reconstruction (%s): mean relative output error on calibration data %.4f over %d modules",
              what, mean, len(errors))
-    metrics = {"solver": recipe.reconstruct, "method": recipe.method, "output_rel_error_mean": mean,
+    metrics = {"solver": recipe.reconstruct if refit else None,
+               "method": recipe.method if gptq == (recipe.method == "gptq") else None,
+               "output_rel_error_mean": mean,
                "output_rel_error": errors, "not_refitted": left}
     return metrics, scales
 
@@ -261,6 +280,87 @@ def _choose_activation_bits(model: torch.nn.Module, ids: torch.Tensor, plan: Pla
             "sensitivity": {m: {"a6": sensitivity[m][6], "a8": sensitivity[m][8]} for m in ranking}}
 
 
+def _start_distributed(recipe: Recipe, device: torch.device) -> tuple[torch.device, bool]:
+    """Under torchrun (WORLD_SIZE > 1) with AST: join the process group (NCCL on GPUs, gloo on CPU) so that AST
+    trains with FSDP2; every rank calibrates on its own GPU (LOCAL_RANK). Returns (device, whether we joined)."""
+    import torch.distributed as dist
+
+    if recipe.ast is None or int(os.environ.get("WORLD_SIZE", "1")) < 2 or dist.is_initialized():
+        return device, False
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, True
+
+
+def _leave_distributed(joined: bool, barrier: bool = False) -> None:
+    """Leave the process group `_start_distributed` joined (no-op otherwise, or when already left). The FSDP2-sharded
+    modules are collected first (they hold references into the group), so none outlives it."""
+    import gc
+
+    import torch.distributed as dist
+
+    if joined and dist.is_initialized():
+        gc.collect()
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def _train_ast(model: torch.nn.Module, ckpt: Checkpoint, recipe: Recipe, plan: Plan, scores: dict[str, torch.Tensor],
+               calibration: dict, out: Path, progress: bool, resume: bool, device: torch.device
+               ) -> tuple[torch.nn.Module | None, dict, dict[str, torch.Tensor]]:
+    """AST recovery training of the pruned model in place (docs/AST.md), with the checkpoint's dense model as the
+    teacher, on every window of the calibration file. Updates `scores` so that packing keeps exactly AST's final
+    masks (`make_plan` gave every V:N:M module its SLoRB group when AST trains branches). Returns (the trained model
+    in CPU memory, or None on torchrun ranks other than 0; the manifest's `ast` metrics; SLoRB tensors by module in
+    their stored dtype)."""
+    from .sparsity.ast import ASTConfig
+    from .sparsity.ast_cli import ast_from_pipeline, ast_workdir, training_ids
+
+    t0 = time.perf_counter()
+    config = ASTConfig(**recipe.ast)
+    teacher = _load_dense(ckpt) if config.distill else None
+    train_ids = training_ids(model.tokenizer, recipe.calib, calibration["seqlen"])
+    model, metrics, extra, new_scores = ast_from_pipeline(
+        model, teacher, plan, train_ids, recipe.ast, ast_workdir(out), progress=progress, scores=scores,
+        resume=resume, device=device)
+    del teacher
+    if model is None:
+        return None, metrics, {}
+    model.to("cpu")
+    scores.update(new_scores)
+    slorb = {key[: -len(".slorb.weight")]: t for key, t in extra.items()}
+    planned = {m for m, s in plan.schemes.items() if s.slorb_group is not None}
+    if set(slorb) != planned:
+        raise RuntimeError(f"AST returned SLoRB branches for {len(slorb)} modules, the plan has {len(planned)}")
+    slorb = {m: t.to(TORCH_DTYPES[plan.schemes[m].dtype]) for m, t in slorb.items()}
+    metrics.update({"log": AST_LOG, "train_windows": int(train_ids.shape[0]),
+                    "train_seqlen": int(config.seqlen or train_ids.shape[1]),
+                    "seconds": round(time.perf_counter() - t0, 3)})
+    return model, metrics, slorb
+
+
+@contextlib.contextmanager
+def _slorb_branches(model: torch.nn.Module, slorb: dict[str, torch.Tensor], plan: Plan):
+    """While calibration walks the trained model after AST, every Linear with a SLoRB branch adds it to its output
+    (as the runtime will), so later layers see the activations of the model that is written."""
+    handles = []
+    for module, weight in slorb.items():
+        group = plan.schemes[module].slorb_group
+
+        def hook(m, args, y, weight=weight, group=group):
+            x = args[0]
+            return y + torch.nn.functional.linear(group_sums(x.float(), group), weight.to(x.device).float()).to(y.dtype)
+        handles.append(model.get_submodule(module).register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _quantization_config(recipe: Recipe, plan: Plan) -> dict:
     specs = {s.vnm for s in plan.schemes.values() if s.vnm is not None}
     spec = next(iter(specs)) if len(specs) == 1 else None
@@ -282,13 +382,18 @@ def _quantization_config(recipe: Recipe, plan: Plan) -> dict:
 
 def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict | None = None, *,
              force: bool = False, progress: bool = True, tags: tuple[str, ...] = (),
-             device: str | torch.device = "cpu", **options) -> Path:
+             device: str | torch.device = "cpu", ast_resume: bool = False, **options) -> Path:
     """Compress a Hugging Face checkpoint directory into a lowc artifact directory and return its path.
 
-    `recipe` (a Recipe or dict) says what to do; keyword options (vnm="64:2:5", wbits=6, group=128, skip=[...])
-    build or override it. Nothing is written unless the whole artifact is written: the output appears atomically.
-    `device` is where calibration computes (a GPU makes GPTQ and scale searches on large models fast); the model
-    stays in CPU memory and only the layer being calibrated is moved there.
+    `recipe` (a Recipe or dict) says what to do; keyword options (vnm="64:2:5", wbits=6, group=128, skip=[...],
+    ast={"steps": 500}) build or override it. Nothing is written unless the whole artifact is written: the output
+    appears atomically. `device` is where calibration computes (a GPU makes GPTQ and scale searches on large models
+    fast); the model stays in CPU memory and only the layer being calibrated is moved there.
+
+    With `recipe.ast`, AST trains the pruned model between pruning and quantization (on `device`), keeping
+    checkpoints in `<output>.ast/` (removed once the artifact is written); `ast_resume` continues an interrupted
+    run from its last checkpoint. Under torchrun AST trains on every rank with FSDP2 and rank 0 writes the
+    artifact; the other ranks return `output` once training ends, before it exists.
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -300,12 +405,25 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
     recipe = recipe or Recipe()
     if recipe.is_noop:
         raise UsageError("nothing to do: give --vnm and/or --wbits (or a --recipe that sets them)")
+    if ast_resume and recipe.ast is None:
+        raise UsageError("--ast-resume: continues an AST run; give the same --ast-* options (or recipe) as before")
     out = Path(output).absolute()
     check_output_dir(out, force)
     ckpt = Checkpoint(checkpoint)
     if out == ckpt.path.absolute():
         raise UsageError(f"{out}: the output must not be the input checkpoint")
     plan = make_plan(ckpt, recipe)
+    device, joined = _start_distributed(recipe, device)
+    try:
+        return _compress(ckpt, out, recipe, plan, force, progress, tags, device, ast_resume, joined)
+    finally:
+        _leave_distributed(joined)
+
+
+def _compress(ckpt: Checkpoint, out: Path, recipe: Recipe, plan: Plan, force: bool, progress: bool,
+              tags: tuple[str, ...], device: torch.device, ast_resume: bool, joined: bool) -> Path:
+    from .sparsity.ast_cli import ast_log_path, ast_workdir, finish_ast_workdir
+
     model = _load_dense(ckpt) if recipe.needs_calibration or recipe.permutes else None
     ids, norms, calibration = (_calibrate(model, ckpt, recipe, plan, progress) if recipe.needs_calibration
                                else (None, {}, None))
@@ -326,11 +444,30 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
         permutation = _permute(model, scores, plan, recipe, progress)
         scores = permutation.importance
     scaling, static_scales, online = _scale(model, ids, plan, recipe, progress) if recipe.scaling else (None, {}, {})
-    if recipe.refits:
-        reconstruction, gptq_scales = _reconstruct(model, ids, scores, plan, recipe, progress)
-        static_scales.update(gptq_scales)
-    activation_bits = _choose_activation_bits(model, ids, plan, recipe, progress) if recipe.a8_budget is not None else None
-    if (permutation is not None and permutation.permutations) or reconstruction is not None or scaling is not None:
+    ast, slorb, gptq_after_ast = None, {}, None
+    if recipe.ast is not None:
+        # refit (pruning) before training, GPTQ after it on the trained weights and AST's final masks
+        if recipe.reconstruct:
+            reconstruction, _ = _reconstruct(model, ids, scores, plan, recipe, progress, gptq=False)
+        model, ast, slorb = _train_ast(model, ckpt, recipe, plan, scores, calibration, out, progress, ast_resume,
+                                       device)
+        _leave_distributed(joined, barrier=True)  # all ranks together; nothing after training is distributed
+        if model is None:  # a torchrun rank other than 0: rank 0 writes the artifact
+            return out
+        with _slorb_branches(model, slorb, plan):
+            if recipe.method == "gptq":
+                gptq_after_ast, gptq_scales = _reconstruct(model, ids, scores, plan, recipe, progress, refit=False)
+                static_scales.update(gptq_scales)
+            activation_bits = (_choose_activation_bits(model, ids, plan, recipe, progress)
+                               if recipe.a8_budget is not None else None)
+    else:
+        if recipe.refits:
+            reconstruction, gptq_scales = _reconstruct(model, ids, scores, plan, recipe, progress)
+            static_scales.update(gptq_scales)
+        activation_bits = (_choose_activation_bits(model, ids, plan, recipe, progress)
+                           if recipe.a8_budget is not None else None)
+    if ((permutation is not None and permutation.permutations) or reconstruction is not None or scaling is not None
+            or ast is not None):
         modified = model.state_dict()
     scaled = {f"{g}.weight" for g, info in (scaling or {}).get("groups", {}).items()
               if not info.get("online") and modified[f"{g}.weight"].dim() == 1}
@@ -360,6 +497,8 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
                 packed = compress_module(weight, scheme, score, static_scales.pop(module, None))
                 if scheme.smooth:
                     packed["smooth"] = online.pop(module)
+                if scheme.slorb_group is not None:
+                    packed["slorb"] = slorb.pop(module)
                 for suffix, t in packed.items():
                     writer.add(f"{module}.{suffix}", t)
                 w = weight.float()
@@ -369,6 +508,8 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
             bar.advance(task)
         for f in ckpt.tokenizer_files():
             writer.copy_file(f)
+        if ast is not None and ast_log_path(ast_workdir(out)) is not None:
+            writer.copy_file(ast_log_path(ast_workdir(out)), AST_LOG)
         writer.write_json("config.json", {**ckpt.config, "quantization_config": _quantization_config(recipe, plan)})
         metrics = {
             "bf16_bytes": plan.bf16_bytes,
@@ -389,6 +530,10 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
             metrics["scaling"] = scaling
         if activation_bits is not None:
             metrics["activation_bits"] = activation_bits
+        if ast is not None:
+            metrics["ast"] = ast
+        if gptq_after_ast is not None:
+            metrics["gptq_after_ast"] = gptq_after_ast
         manifest = {
             "producer": producer_info(),
             "architecture": ckpt.architecture.name,
@@ -400,7 +545,10 @@ def compress(checkpoint: str | Path, output: str | Path, recipe: Recipe | dict |
             "metrics": metrics,
             "tags": list(tags),
         }
-        return writer.finish(manifest)
+        path = writer.finish(manifest)
+    if ast is not None:
+        finish_ast_workdir(ast_workdir(out))  # the artifact holds the log; checkpoints are no longer needed
+    return path
 
 
 __all__ = ["compress", "make_plan", "compress_module", "Plan"]

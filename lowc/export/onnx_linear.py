@@ -8,6 +8,7 @@
 | V:N:M (float values) | `lowc::VNMGemm` on the artifact's values, columns and positions |
 | V:N:M + INT4/6/8 | `lowc::VNMQGemm` on the artifact's packed codes, scales, columns and positions |
 | `abits` (A8/A6) | per-token symmetric quantize-dequantize of the input in standard ops (after `Div` by the module's `smooth` factors when it has them), then the above |
+| `slorb_group` (SLoRB branch) | plus, in standard ops on the unquantized input: `Slice` + `Reshape` + `ReduceSum` per group of input channels (a short last group summed on its own), `Cast` of the stored `slorb` [R, G] to float32, `Transpose`, `MatMul`, `Add` |
 
 INT2 / INT3 weights have no ONNX form here (no standard type; lowc's BTCGemm plugin is not built yet): such a module
 is refused, or with `allow_fallback` stored as its dequantized float32 weight and reported.
@@ -71,9 +72,36 @@ def _quantize_activations(b: Builder, x: str, bits: int, hint: str) -> str:
     return b.op("Mul", [q, scale], f"{hint}.x_q")
 
 
-def packed_linear(b: Builder, x: str, scheme: ModuleScheme, tensors: dict[str, torch.Tensor]) -> str:
-    """Emit y = x Wᵀ (+ b) for a compressed module from its artifact tensors; returns y's name (float32)."""
+def group_sums(b: Builder, x: str, in_features: int, group: int, hint: str) -> str:
+    """Sums of `group` consecutive channels of x's last axis [..., K] -> [..., ceil(K / group)], as
+    `reference.group_sums` computes them (any rank: the leading shape is read from x)."""
+    full, rest = divmod(in_features, group)
+    leading = b.op("Slice", [b.op("Shape", [x], f"{hint}.shape"), b.const([0]), b.const([-1])], f"{hint}.lead")
+    parts = []
+    if full:
+        body = x if not rest else b.op("Slice", [x, b.const([0]), b.const([full * group]), b.const([-1])],
+                                        f"{hint}.full")
+        shape = b.op("Concat", [leading, b.const([full, group])], f"{hint}.grouped_shape", axis=0)
+        grouped = b.op("Reshape", [body, shape], f"{hint}.grouped")
+        parts.append(b.op("ReduceSum", [grouped, b.const([-1])], f"{hint}.sums", keepdims=0))
+    if rest:
+        tail = b.op("Slice", [x, b.const([full * group]), b.const([in_features]), b.const([-1])], f"{hint}.tail")
+        parts.append(b.op("ReduceSum", [tail, b.const([-1])], f"{hint}.tail_sum", keepdims=1))
+    return parts[0] if len(parts) == 1 else b.op("Concat", parts, f"{hint}.group_sums", axis=-1)
+
+
+def _slorb_branch(b: Builder, x: str, y: str, scheme: ModuleScheme, tensors: dict[str, torch.Tensor]) -> str:
+    """y + group_sums(x, slorb_group) Sᵀ: the module's SLoRB branch on its unquantized input x (float32)."""
     name = scheme.name
+    sums = group_sums(b, x, scheme.shape[1], scheme.slorb_group, f"{name}.slorb")
+    weight = b.cast(b.initializer(f"{name}.slorb", tensors["slorb"]), TensorProto.FLOAT, f"{name}.slorb_f")
+    return b.op("Add", [y, dense_linear(b, sums, weight, hint=f"{name}.slorb")], f"{name}.with_slorb")
+
+
+def packed_linear(b: Builder, x: str, scheme: ModuleScheme, tensors: dict[str, torch.Tensor]) -> str:
+    """Emit y = x Wᵀ (+ b) (+ SLoRB) for a compressed module from its artifact tensors; returns y's name (float32)."""
+    name = scheme.name
+    x_in = x
     if scheme.abits is not None:
         x = _quantize_inputs(b, x, scheme, tensors)
     if scheme.vnm is not None:
@@ -96,6 +124,8 @@ def packed_linear(b: Builder, x: str, scheme: ModuleScheme, tensors: dict[str, t
     if "bias" in tensors:
         bias = b.cast(b.initializer(f"{name}.bias", tensors["bias"]), TensorProto.FLOAT, f"{name}.bias_f")
         y = b.op("Add", [y, bias], f"{name}.out")
+    if scheme.slorb_group is not None:
+        y = _slorb_branch(b, x_in, y, scheme, tensors)
     return y
 
 
@@ -115,9 +145,11 @@ def _dequantize_linear(b: Builder, x: str, scheme: ModuleScheme, tensors: dict[s
 def fallback_linear(b: Builder, x: str, scheme: ModuleScheme, tensors: dict[str, torch.Tensor]) -> str:
     """A module the target cannot express, computed from its dequantized float32 weight (exact, but larger)."""
     weight = b.initializer(f"{scheme.name}.weight", reference.dense_weight(tensors, scheme))
+    x_in = x
     if scheme.abits is not None:
         x = _quantize_inputs(b, x, scheme, tensors)
     bias = None
     if "bias" in tensors:
         bias = b.cast(b.initializer(f"{scheme.name}.bias", tensors["bias"]), TensorProto.FLOAT, f"{scheme.name}.bias_f")
-    return dense_linear(b, x, weight, bias, scheme.name)
+    y = dense_linear(b, x, weight, bias, scheme.name)
+    return y if scheme.slorb_group is None else _slorb_branch(b, x_in, y, scheme, tensors)

@@ -50,6 +50,23 @@ def dense_weight(tensors: dict[str, torch.Tensor], scheme) -> torch.Tensor:
     return tensors["weight"].float()
 
 
+def group_count(in_features: int, group: int) -> int:
+    """Number of groups of `group` consecutive input channels (the last one may be short)."""
+    return -(-in_features // group)
+
+
+def group_sums(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Sums of `group` consecutive channels of the last dim: [..., K] -> [..., ceil(K / group)] (zero padded).
+
+    The input of a SLoRB branch (`scheme.slorb_group`): the branch adds `group_sums(x, group) @ S.T`.
+    """
+    k = x.shape[-1]
+    pad = group_count(k, group) * group - k
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.unflatten(-1, (-1, group)).sum(-1)
+
+
 def quantize_activations(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (last dimension) symmetric quantization as the A8/A6 GEMM kernels do it: (int8 codes, fp32 scales).
 
@@ -67,22 +84,29 @@ def quantize_activations(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
 
 
 def packed_linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], scheme) -> torch.Tensor:
-    """y = x W^T (+ b) with W decoded from its packed form; returns x's dtype.
+    """y = x W^T (+ b) (+ SLoRB) with W decoded from its packed form; returns x's dtype.
 
     With `scheme.abits` the inputs are quantized per token first (after dividing them per channel by `smooth` when
     the scheme has it) and the product is taken on the integer codes in float64 (exact, like the kernels' int32
-    accumulation) before the weight and activation scales are applied.
+    accumulation) before the weight and activation scales are applied. With `scheme.slorb_group` the module's SLoRB
+    branch `group_sums(x, slorb_group) @ S.T` (S = the `slorb` tensor [R, ceil(K / slorb_group)]) is added, computed
+    on the module's unquantized input x.
     """
     weight = dense_weight(tensors, scheme)
     bias = tensors.get("bias")
+    slorb = getattr(scheme, "slorb_group", None)
     if getattr(scheme, "abits", None) is None:
         y = torch.nn.functional.linear(x.float(), weight, None if bias is None else bias.float())
+        if slorb:
+            y = y + torch.nn.functional.linear(group_sums(x.float(), slorb), tensors["slorb"].float())
         return y.to(x.dtype)
     xs = x.float() / tensors["smooth"] if getattr(scheme, "smooth", False) else x
     codes, scale = quantize_activations(xs, scheme.abits)
     y = torch.nn.functional.linear(codes.double(), weight.double()) * scale.double().unsqueeze(-1)
     if bias is not None:
         y = y + bias.double()
+    if slorb:
+        y = y + torch.nn.functional.linear(group_sums(x.double(), slorb), tensors["slorb"].double())
     return y.to(x.dtype)
 
 
