@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -28,8 +29,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
          verify: bool = True) -> torch.nn.Module:
     """Load a lowc artifact (or a plain HF checkpoint) as an eval-mode torch module on `device`.
 
-    Compressed Linears become PackedLinear modules that keep their packed tensors and compute through the
-    reference kernels; everything else is loaded in `dtype`. The module carries `.tokenizer` (when the directory
+    Compressed Linears become PackedLinear modules that keep their packed tensors; on CUDA, dense INT4/INT6/INT8
+    modules move to the Triton GEMMs' layout and compute through them (LOWC_KERNELS=reference keeps every module on
+    the reference kernels); everything else is loaded in `dtype`. The module carries `.tokenizer` (when the directory
     has one), `.lowc_config` (the HF config dict), `.lowc_manifest` (None for checkpoints) and `.lowc_path`.
     """
     path = Path(path)
@@ -71,7 +73,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         raise error(f"{path}: missing weights for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     model.eval().requires_grad_(False)
     if schemes:
-        log.info("%d packed modules compute through the reference kernels (plain torch on %s)", len(schemes), device)
+        fast = 0
+        if device.type == "cuda" and os.environ.get("LOWC_KERNELS", "fast") != "reference":
+            fast = sum(m.use_fast_kernel() for m in model.modules() if isinstance(m, PackedLinear))
+        log.info("%d packed modules compute through the Triton W4/W6/W8 GEMMs (fp16/bf16 inputs), %d through the "
+                 "reference kernels (plain torch on %s)", fast, len(schemes) - fast, device)
     model.lowc_path = path
     model.lowc_config = config
     model.lowc_manifest = manifest

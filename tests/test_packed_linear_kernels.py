@@ -1,0 +1,65 @@
+"""PackedLinear on the Triton GEMMs: the same products as the reference kernels (Triton's CPU interpreter without
+CUDA), with the weight kept only in the kernel layout."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lowc.kernels import packing, reference
+from lowc.runtime.packed_linear import PackedLinear, fast_kernel_name
+from lowc.scheme import ModuleScheme
+
+
+def _module(n: int, k: int, bits: int, group: int, abits: int | None = None, smooth: bool = False,
+            bias: bool = False, seed: int = 0) -> PackedLinear:
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    tensors = {"qweight": packing.pack_int(torch.randint(lo, hi + 1, (n, k), generator=g), bits),
+               "scales": (torch.rand(n, -(-k // group), generator=g) * 0.02 + 1e-3).to(torch.float16)}
+    if bias:
+        tensors["bias"] = torch.randn(n, generator=g).to(torch.bfloat16)
+    if smooth:
+        tensors["smooth"] = torch.rand(k, generator=g) * 4 + 0.25
+    scheme = ModuleScheme("m", (n, k), None, bits, group, bias=bias, abits=abits, smooth=smooth)
+    return PackedLinear(scheme, tensors)
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.mark.parametrize("bits,group,abits,smooth,bias", [
+    (4, 32, None, False, False), (6, 64, None, False, True), (8, 32, None, False, False),
+    (6, 32, 8, False, True), (4, 32, 8, False, False), (6, 64, 6, True, False)])
+def test_fast_kernel_matches_the_reference(bits, group, abits, smooth, bias, monkeypatch):
+    m = _module(48, 96, bits, group, abits, smooth, bias)
+    canonical = {k: v.clone() for k, v in m.packed().items()}
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    want = reference.packed_linear(x, canonical, m.scheme)
+    assert m.use_fast_kernel() and m.kernel == ("wa16" if abits is None else "wa8")
+    assert not hasattr(m, "qweight")  # one copy of the weight: the kernel layout
+    for suffix, t in m.packed().items():  # the canonical tensors come back exactly
+        assert torch.equal(t, canonical[suffix]), suffix
+    with monkeypatch.context() as patch:  # the Triton kernel must do the work, not a silent fallback
+        patch.setattr(reference, "packed_linear", lambda *a: pytest.fail("took the reference path"))
+        got = m(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (5, 48)
+    # bf16 output rounding; A6/A8 codes can differ by one step where x/smooth rounds to bf16 first
+    assert _rel(got, want) < (2e-2 if smooth else 1e-2)
+    # the buffers are what module_bytes / .to() see
+    names = {n for n, _ in m.named_buffers()}
+    assert {"lowbit_codes", "lowbit_scales"} <= names
+
+
+def test_float32_inputs_and_unsupported_schemes_take_the_reference_path():
+    m = _module(16, 64, 6, 32)
+    x = torch.randn(3, 64)
+    want = reference.packed_linear(x, m.packed(), m.scheme)
+    m.use_fast_kernel()
+    assert torch.allclose(m(x), want, rtol=1e-6, atol=1e-6)  # float32 x: reference, exact
+    assert fast_kernel_name(dataclasses.replace(m.scheme, bits=3)) is None
+    assert fast_kernel_name(dataclasses.replace(m.scheme, slorb_group=16)) is None
+    assert fast_kernel_name(dataclasses.replace(m.scheme, abits=8)) == "wa8"
