@@ -211,7 +211,7 @@ def run_hf(ckpt: Path, a, device: str) -> dict:
 # ------------------------------------------------------------------------------------------------ lowc variants
 def run_lowc(ckpt: Path, workdir: Path, key: str, a, device: str) -> dict:
     label, recipe = VARIANTS[key]
-    artifact = workdir / f"artifact-{key}"
+    artifact = workdir / f"artifact-{key}-{a.layers}layers"  # reused between calls only for the same model
     if not (artifact / "lowc.json").is_file():
         t0 = time.perf_counter()
         lowc.compress(ckpt, artifact, lowc.Recipe(**recipe), device=device, progress=False, force=True)

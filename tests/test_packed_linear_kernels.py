@@ -12,6 +12,8 @@ from lowc.kernels import packing, reference
 from lowc.runtime.packed_linear import PackedLinear, fast_kernel_name
 from lowc.scheme import ModuleScheme
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (conftest turns it on)
+
 
 def _module(n: int, k: int, bits: int, group: int, abits: int | None = None, smooth: bool = False,
             bias: bool = False, seed: int = 0) -> PackedLinear:
@@ -24,7 +26,7 @@ def _module(n: int, k: int, bits: int, group: int, abits: int | None = None, smo
     if smooth:
         tensors["smooth"] = torch.rand(k, generator=g) * 4 + 0.25
     scheme = ModuleScheme("m", (n, k), None, bits, group, bias=bias, abits=abits, smooth=smooth)
-    return PackedLinear(scheme, tensors)
+    return PackedLinear(scheme, {name: t.to(DEVICE) for name, t in tensors.items()})
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -37,7 +39,7 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 def test_fast_kernel_matches_the_reference(bits, group, abits, smooth, bias, monkeypatch):
     m = _module(48, 96, bits, group, abits, smooth, bias)
     canonical = {k: v.clone() for k, v in m.packed().items()}
-    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
     want = reference.packed_linear(x, canonical, m.scheme)
     assert m.use_fast_kernel() and m.kernel == ("wa16" if abits is None else "wa8")
     assert not hasattr(m, "qweight")  # one copy of the weight: the kernel layout
@@ -56,7 +58,7 @@ def test_fast_kernel_matches_the_reference(bits, group, abits, smooth, bias, mon
 
 def test_float32_inputs_and_unsupported_schemes_take_the_reference_path():
     m = _module(16, 64, 6, 32)
-    x = torch.randn(3, 64)
+    x = torch.randn(3, 64, device=DEVICE)
     want = reference.packed_linear(x, m.packed(), m.scheme)
     m.use_fast_kernel()
     assert torch.allclose(m(x), want, rtol=1e-6, atol=1e-6)  # float32 x: reference, exact
