@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -127,3 +128,37 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+VNM_PAIRS = torch.tensor(list(itertools.combinations(range(4), 2)), dtype=torch.uint8)  # the 6 valid 2-of-4 choices
+
+
+def random_vnm_pattern(rows: int, cols: int, v: int, m: int, g: torch.Generator):
+    """A uniformly random canonical V:N:M pattern (not only what pruning makes): kept columns [blocks, kb, 4],
+    positions [rows, kb, 2] and the mask [rows, 2 kb] of slots that fall in the K padding (they must hold 0)."""
+    kb = -(-cols // m)
+    subsets = torch.tensor(list(itertools.combinations(range(m), 4)), dtype=torch.uint8)
+    columns = subsets[torch.randint(len(subsets), (-(-rows // v), kb), generator=g)]
+    positions = VNM_PAIRS[torch.randint(6, (rows, kb), generator=g)]
+    block_cols = columns.long().repeat_interleave(v, 0)[:rows]
+    absolute = torch.gather(block_cols, 2, positions.long()) + (torch.arange(kb) * m).view(1, kb, 1)
+    return columns, positions, absolute.reshape(rows, 2 * kb) >= cols
+
+
+def randomize_weights(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Give a loaded tiny model larger random weights (norms kept), so continuations vary with the context."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if "norm" not in name:
+                w.copy_(torch.randn(w.shape, generator=g) * scale)
+    return model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: a second OpenMP thread only adds synchronisation (up to 100x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -28,13 +28,7 @@ SPEC = VNMSpec(16, 2, 8)
 FAST = dict(batch_size=4, lr=3e-3, mask_interval=3, norm_samples=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: a second OpenMP thread only adds synchronisation (100x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread)
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:

@@ -32,13 +32,7 @@ AST = {"steps": 4, "batch_size": 4, "lr": 3e-3, "mask_interval": 2, "norm_sample
 AST_SLORB = {**AST, "slorb": True}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second OpenMP thread only adds synchronisation on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread)
 
 
 def recipe(tiny_text: Path, **extra) -> dict:

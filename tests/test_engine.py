@@ -10,6 +10,7 @@ import asyncio
 
 import pytest
 import torch
+from conftest import randomize_weights
 
 from lowc.errors import UsageError
 from lowc.runtime.engine import Engine, EngineClosed, SamplingParams
@@ -20,13 +21,7 @@ from lowc.runtime.load import load
 @pytest.fixture(scope="module")
 def model(tiny_llama):
     """The tiny checkpoint in float32 with larger random weights, so continuations vary with the context."""
-    m = load(tiny_llama)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, w in m.named_parameters():
-            if "norm" not in name:
-                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
-    return m
+    return randomize_weights(load(tiny_llama))
 
 
 def prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:

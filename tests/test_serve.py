@@ -16,6 +16,8 @@ fastapi = pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from conftest import randomize_weights  # noqa: E402
+
 from lowc.runtime.engine import Engine  # noqa: E402
 from lowc.runtime.generate import SamplingConfig, generate  # noqa: E402
 from lowc.runtime.load import load  # noqa: E402
@@ -73,13 +75,7 @@ def chat_model_dir(tiny_llama, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(chat_model_dir):
-    m = load(chat_model_dir)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, w in m.named_parameters():
-            if "norm" not in name:
-                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
-    return m
+    return randomize_weights(load(chat_model_dir))
 
 
 def sse_events(text: str) -> list:

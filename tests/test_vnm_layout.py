@@ -5,6 +5,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import random_vnm_pattern
 
 from lowc.compress.sparsity.vnm import VNMSpec, vnm_compress
 from lowc.kernels.packing import pack_2bit, unpack_2bit
@@ -13,23 +14,12 @@ from lowc.kernels.vnm_layout import (KB_ALIGN, META_MODES, PAD_NIBBLE, compresse
                                      decode_gathered_int8, emulate_spmm, emulate_spmm_int8, from_vnm_kernel_layout,
                                      metadata_nibbles, to_vnm_int8_layout, to_vnm_kernel_layout)
 
-PAIRS = torch.tensor(list(itertools.combinations(range(4), 2)), dtype=torch.uint8)  # the 6 valid 2-of-4 choices
-
-
 def random_canonical(rows, cols, v, m, dtype=torch.float32, seed=0):
     """Canonical storage with uniformly random kept columns, positions and values (not only what pruning makes)."""
     g = torch.Generator().manual_seed(seed)
-    kb = -(-cols // m)
-    rp = -(-rows // v) * v
-    subsets = torch.tensor(list(itertools.combinations(range(m), 4)), dtype=torch.uint8)
-    columns = subsets[torch.randint(len(subsets), (rp // v, kb), generator=g)]
-    positions = PAIRS[torch.randint(6, (rows, kb), generator=g)]
-    values = torch.randn(rows, 2 * kb, generator=g).to(dtype)
-    # a slot in the K padding must hold 0 (FORMAT.md); zero those values
-    spec_cols = columns.long().repeat_interleave(v, 0)[:rows]
-    absolute = torch.gather(spec_cols, 2, positions.long()) + (torch.arange(kb) * m).view(1, kb, 1)
-    values = values.masked_fill(absolute.reshape(rows, 2 * kb) >= cols, 0)
-    return values, columns, pack_2bit(positions.reshape(rows, 2 * kb)), positions
+    columns, positions, padding = random_vnm_pattern(rows, cols, v, m, g)
+    values = torch.randn(rows, 2 * (-(-cols // m)), generator=g).to(dtype).masked_fill(padding, 0)
+    return values, columns, pack_2bit(positions.reshape(rows, -1)), positions
 
 
 CASES = [(16, 4, 16, 16), (16, 5, 40, 37), (32, 4, 64, 70), (32, 5, 33, 131), (64, 5, 100, 300),

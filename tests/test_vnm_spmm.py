@@ -1,12 +1,12 @@
 """The V:N:M sparse-tensor-core GEMM against the reference, on the GPU (skipped without CUDA); plus the nvcc syntax
 check of the CUDA source (skipped without nvcc) and the CPU error path."""
 
-import itertools
 import shutil
 import subprocess
 
 import pytest
 import torch
+from conftest import random_vnm_pattern
 
 from lowc.kernels import vnm_spmm as vnm_mod
 from lowc.kernels.reference import quantize_activations, vnm_to_dense
@@ -15,21 +15,13 @@ from lowc.kernels.vnm_spmm import VNMConfig, vnm_spmm, vnm_spmm_int8
 
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (sparse tensor cores)")
-PAIRS = torch.tensor(list(itertools.combinations(range(4), 2)), dtype=torch.uint8)
 
 
 def random_vnm(rows, cols, v, m, dtype, seed, device="cuda"):
     """Random canonical V:N:M storage (random kept columns, positions and values) and its fp32 dense matrix."""
     g = torch.Generator().manual_seed(seed)
-    kb = -(-cols // m)
-    rp = -(-rows // v) * v
-    subsets = torch.tensor(list(itertools.combinations(range(m), 4)), dtype=torch.uint8)
-    columns = subsets[torch.randint(len(subsets), (rp // v, kb), generator=g)]
-    positions = PAIRS[torch.randint(6, (rows, kb), generator=g)]
-    values = torch.randn(rows, 2 * kb, generator=g).to(dtype)
-    block_cols = columns.long().repeat_interleave(v, 0)[:rows]
-    absolute = torch.gather(block_cols, 2, positions.long()) + (torch.arange(kb) * m).view(1, kb, 1)
-    values = values.masked_fill(absolute.reshape(rows, 2 * kb) >= cols, 0)
+    columns, positions, padding = random_vnm_pattern(rows, cols, v, m, g)
+    values = torch.randn(rows, 2 * (-(-cols // m)), generator=g).to(dtype).masked_fill(padding, 0)
     dense = vnm_to_dense(values.float(), columns, positions, v, m, (rows, cols))
     w = to_vnm_kernel_layout(values, columns, positions, v, m, (rows, cols)).to(device)
     return w, dense.to(device)
@@ -140,15 +132,8 @@ def test_shape_errors():
 
 def random_int8_vnm(rows, cols, v, m, seed, meta_mode=None):
     g = torch.Generator().manual_seed(seed)
-    kb = -(-cols // m)
-    rp = -(-rows // v) * v
-    subsets = torch.tensor(list(itertools.combinations(range(m), 4)), dtype=torch.uint8)
-    columns = subsets[torch.randint(len(subsets), (rp // v, kb), generator=g)]
-    positions = PAIRS[torch.randint(6, (rows, kb), generator=g)]
-    codes = torch.randint(-127, 128, (rows, 2 * kb), generator=g).to(torch.int8)
-    block_cols = columns.long().repeat_interleave(v, 0)[:rows]
-    absolute = torch.gather(block_cols, 2, positions.long()) + (torch.arange(kb) * m).view(1, kb, 1)
-    codes = codes.masked_fill(absolute.reshape(rows, 2 * kb) >= cols, 0)
+    columns, positions, padding = random_vnm_pattern(rows, cols, v, m, g)
+    codes = torch.randint(-127, 128, (rows, 2 * (-(-cols // m))), generator=g).to(torch.int8).masked_fill(padding, 0)
     scales = torch.rand(rows, generator=g) * 1e-3 + 1e-4
     kwargs = {} if meta_mode is None else {"meta_mode": meta_mode}
     w = to_vnm_int8_layout(codes, scales, columns, positions, v, m, (rows, cols), **kwargs).to("cuda")
