@@ -168,32 +168,36 @@ def _print_plan(ckpt, plan) -> None:
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 verification of the files (faster on huge artifacts).")
-def inspect(artifact: Path, as_json: bool, no_verify: bool) -> None:
-    """Show an ARTIFACT's modules (shape, scheme, density, bits, bytes) and totals."""
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Also show the kernel each module runs with when loaded on this device.")
+def inspect(artifact: Path, as_json: bool, no_verify: bool, device: str) -> None:
+    """Show an ARTIFACT's modules (shape, scheme, density, bits, bytes, kernel) and totals."""
     from .artifact import open_artifact
     from .inspect import describe
 
     art = open_artifact(artifact, verify=not no_verify)
     if as_json:
-        _print_json(describe(art))
+        _print_json(describe(art, device))
     else:
-        _print_inspect(art)
+        _print_inspect(art, device)
 
 
-def _print_inspect(art) -> None:
+def _print_inspect(art, device: str = "cpu") -> None:
     from rich.table import Table
 
     from .inspect import describe
 
-    d = describe(art)
+    d = describe(art, device)
     table = Table(title=f"{d['path']}  ({d['architecture']}, lowc format {d['format_version']})")
-    for col in ("module", "shape", "scheme", "density", "bits", "bytes"):
-        table.add_column(col, justify="left" if col in ("module", "scheme") else "right")
+    columns = ("module", "shape", "scheme", "density", "bits", "bytes") + ((f"kernel ({device})",) if device != "cpu"
+                                                                          else ())
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("module", "scheme") or col.startswith("kernel") else "right")
     for m in d["modules"]:
         table.add_row(m["name"], "x".join(map(str, m["shape"])), m["scheme"], f"{m['density']:.2f}",
-                      str(m["bits"] or "-"), _fmt_bytes(m["bytes"]))
+                      str(m["bits"] or "-"), _fmt_bytes(m["bytes"]), *([m["kernel"]] if device != "cpu" else []))
     table.add_row(f"{d['dense_tensors']['count']} dense tensors", "", "as in checkpoint", "1.00", "-",
-                  _fmt_bytes(d["dense_tensors"]["bytes"]))
+                  _fmt_bytes(d["dense_tensors"]["bytes"]), *(["torch"] if device != "cpu" else []))
     con = _out_console()
     con.print(table)
     t = d["totals"]

@@ -8,14 +8,22 @@ from .artifact import Artifact
 from .scheme import DTYPE_BYTES
 
 
-def describe(art: Artifact) -> dict:
-    """A JSON-ready description of an artifact (the data behind `lowc inspect` and `--json`)."""
+def module_kernel(scheme, device: str) -> str:
+    """The kernel `lowc.load(..., device=device)` computes a module with (fp16/bf16 inputs on CUDA)."""
+    from .runtime.packed_linear import fast_kernel_name
+
+    return (fast_kernel_name(scheme) if device == "cuda" else None) or "reference"
+
+
+def describe(art: Artifact, device: str = "cpu") -> dict:
+    """A JSON-ready description of an artifact (the data behind `lowc inspect` and `--json`); `kernel` per module
+    is what the runtime computes it with on `device` ("cpu" or "cuda")."""
     modules = []
     for name, s in art.schemes.items():
         modules.append({
             "name": name, "shape": list(s.shape), "scheme": s.label(), "vnm": None if s.vnm is None else str(s.vnm),
             "density": s.density, "bits": s.bits, "group": s.group if s.bits else None, "bytes": s.nbytes(),
-            "bf16_bytes": 2 * math.prod(s.shape),
+            "bf16_bytes": 2 * math.prod(s.shape), "kernel": module_kernel(s, device),
         })
     dense = art.dense_tensor_names()
     dense_bytes = 0
@@ -30,6 +38,7 @@ def describe(art: Artifact) -> dict:
         "producer": art.manifest.get("producer", {}),
         "architecture": art.architecture.name,
         "kind": art.kind,
+        "device": device,
         "recipe": art.recipe,
         "modules": modules,
         "dense_tensors": {"count": len(dense), "bytes": dense_bytes},

@@ -222,3 +222,24 @@ def test_permutation_moves_channels_and_keeps_dtypes(tiny_llama, tmp_path, capsy
         order = [int(torch.nonzero((source == embed[:, [j]]).all(0))[0]) for j in range(embed.shape[1])]
         assert sorted(order) == list(range(embed.shape[1]))
         assert torch.equal(norm, ckpt.get("model.norm.weight")[order])
+
+
+def test_inspect_shows_the_kernel_per_device(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "w4"
+    code, _, err = run_cli(["compress", tiny_llama, "--wbits", "4", "--group", "32", "--skip", "*.down_proj",
+                            "-o", out, "-q"], capsys)
+    assert code == 0, err
+    code, stdout, _ = run_cli(["inspect", out, "--json", "--device", "cuda"], capsys)
+    kernels = {m["name"]: m["kernel"] for m in json.loads(stdout)["modules"]}
+    assert code == 0 and kernels["model.layers.0.self_attn.q_proj"] == "wa16"
+    assert "model.layers.0.mlp.down_proj" not in kernels  # skipped: stays a dense tensor
+    code, stdout, _ = run_cli(["inspect", out, "--json"], capsys)
+    assert {m["kernel"] for m in json.loads(stdout)["modules"]} == {"reference"}
+    code, stdout, _ = run_cli(["inspect", out, "--device", "cuda"], capsys)
+    assert code == 0 and "kernel (cuda)" in stdout and "wa16" in stdout
+    sparse = tmp_path / "vnm"
+    code, _, err = run_cli(["compress", tiny_llama, "--vnm", "16:2:5", "--wbits", "6", "--group", "32",
+                            "-o", sparse, "-q"], capsys)
+    assert code == 0, err
+    code, stdout, _ = run_cli(["inspect", sparse, "--json", "--device", "cuda"], capsys)
+    assert {m["kernel"] for m in json.loads(stdout)["modules"]} == {"reference"}  # V:N:M: not dispatched yet
