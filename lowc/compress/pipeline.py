@@ -454,15 +454,12 @@ def _compress(ckpt: Checkpoint, out: Path, recipe: Recipe, plan: Plan, force: bo
         _leave_distributed(joined, barrier=True)  # all ranks together; nothing after training is distributed
         if model is None:  # a torchrun rank other than 0: rank 0 writes the artifact
             return out
-        with _slorb_branches(model, slorb, plan):
-            if recipe.method == "gptq":
-                gptq_after_ast, gptq_scales = _reconstruct(model, ids, scores, plan, recipe, progress, refit=False)
-                static_scales.update(gptq_scales)
-            activation_bits = (_choose_activation_bits(model, ids, plan, recipe, progress)
-                               if recipe.a8_budget is not None else None)
-    else:
-        if recipe.refits:
-            reconstruction, gptq_scales = _reconstruct(model, ids, scores, plan, recipe, progress)
+    elif recipe.refits:
+        reconstruction, gptq_scales = _reconstruct(model, ids, scores, plan, recipe, progress)
+        static_scales.update(gptq_scales)
+    with _slorb_branches(model, slorb, plan):  # (no branches without AST)
+        if ast is not None and recipe.method == "gptq":
+            gptq_after_ast, gptq_scales = _reconstruct(model, ids, scores, plan, recipe, progress, refit=False)
             static_scales.update(gptq_scales)
         activation_bits = (_choose_activation_bits(model, ids, plan, recipe, progress)
                            if recipe.a8_budget is not None else None)

@@ -23,6 +23,8 @@ RuntimeError.
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import os
 from pathlib import Path
@@ -82,16 +84,18 @@ def _defines(half: bool, cfg: VNMConfig, ordered: bool, int8: bool = False) -> s
             f"#define LOWC_MINB {_min_blocks(cfg)}\n#define LOWC_ORDERED {int(ordered)}\n")
 
 
-class _Backend:
-    """Compiles variants with NVRTC and launches them on torch's current stream."""
+class _Backend(abc.ABC):
+    """Compiles variants with NVRTC and launches them on torch's current stream (cuda.core or cupy below)."""
 
     name = "none"
 
+    @abc.abstractmethod
     def kernel(self, half: bool, cfg: VNMConfig, int8: bool = False):
-        raise NotImplementedError
+        """The compiled (and cached) kernel of one variant."""
 
+    @abc.abstractmethod
     def launch(self, kernel, grid, block, args):
-        raise NotImplementedError
+        """Launch `kernel` on torch's current stream."""
 
 
 class _CudaCoreBackend(_Backend):

@@ -66,12 +66,13 @@ class PackedLinear(torch.nn.Module):
 
     def packed(self) -> dict[str, torch.Tensor]:
         """The canonical artifact tensors of this module (rebuilt exactly from the kernel layout when it has one)."""
-        out = {suffix: getattr(self, suffix) for suffix in self.scheme.expected_tensors()
-               if self.lowbit is None or suffix not in ("qweight", "scales")}
-        if self.lowbit is not None:
-            from ..kernels.lowbit_layout import from_lowbit_layout
+        if self._k_pad is None:
+            return {suffix: getattr(self, suffix) for suffix in self.scheme.expected_tensors()}
+        from ..kernels.lowbit_layout import from_lowbit_layout
 
-            out["qweight"], out["scales"] = from_lowbit_layout(self.lowbit)
+        out = {suffix: getattr(self, suffix) for suffix in self.scheme.expected_tensors()
+               if suffix not in ("qweight", "scales")}
+        out["qweight"], out["scales"] = from_lowbit_layout(self.lowbit)
         return out
 
     def dense_weight(self) -> torch.Tensor:
