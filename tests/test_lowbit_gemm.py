@@ -107,6 +107,48 @@ def test_wa16_matches_reference(bits, dtype, m, n, k, group, split):
 
 
 @pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("m,n,k,group,block_k,split", [(1, 40, 200, 64, 128, 1), (1, 33, 300, 300, 64, 2),
+                                                       (3, 24, 520, 128, 256, 1), (1, 48, 256, 32, 64, 3)])
+def test_wa16_gemv_matches_reference(bits, m, n, k, group, block_k, split):
+    """The one-token kernel: K tiles inside a group, tiles of several whole groups, per-channel, split-K."""
+    g, seed = _generator()
+    qweight, scales = _random_weight(n, k, bits, group, g)
+    x = torch.randn(m, k, generator=g).to(torch.float16)
+    bias = torch.randn(n, generator=g).to(torch.float16)
+    w = to_lowbit_layout(qweight, scales, bits, group, k).to(DEVICE)
+    cfg = GemmConfig(1, 16, block_k, split, gemv=True)
+    assert wa16_gemm.fit_block_k(cfg, w, m).block_k == min(block_k, w.k_pad)  # whole groups are kept
+    y = wa16_gemm.wa16_gemm(x.to(DEVICE), w, bias.to(DEVICE), config=cfg)
+    ref = x.float() @ reference.dequantize_int(qweight, scales, bits, group, k).t() + bias.float()
+    assert y.shape == (m, n) and _rel_err(y, ref) < 1e-3, seed
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_concat_rows_views_share_the_fused_weight(bits):
+    """Projections fused at load time: the fused GEMM equals the parts side by side, and each part computed
+    through its view (scales a strided column slice) equals the part on its own."""
+    g, seed = _generator()
+    k, group = 200, 64
+    parts = [_random_weight(n, k, bits, group, g) for n in (40, 24, 24)]
+    ws = [to_lowbit_layout(q, s, bits, group, k).to(DEVICE) for q, s in parts]
+    fused, views = lowbit_layout.concat_rows(ws)
+    assert fused.n == 88 and views[1].codes.data_ptr() == fused.codes[40:].data_ptr()
+    assert views[2].scales.stride(0) == 88
+    x = torch.randn(1, k, generator=g).to(torch.float16).to(DEVICE)
+    for cfg in (GemmConfig(16, 32, 64), GemmConfig(1, 16, 128, gemv=True)):
+        singles = [wa16_gemm.wa16_gemm(x, w, config=cfg) for w in ws]
+        assert torch.equal(wa16_gemm.wa16_gemm(x, fused, config=cfg), torch.cat(singles, -1)), seed
+        for view, single in zip(views, singles):
+            assert torch.equal(wa16_gemm.wa16_gemm(x, view, config=cfg), single), seed
+    y8 = wa8_gemm.wa8_gemm(x, views[2], config=GemmConfig(16, 32, 64))
+    assert torch.equal(y8, wa8_gemm.wa8_gemm(x, ws[2], config=GemmConfig(16, 32, 64))), seed
+    assert torch.equal(from_lowbit_layout(views[1])[0].cpu(), parts[1][0]), seed
+    with pytest.raises(ValueError, match="same bits"):
+        lowbit_layout.concat_rows([ws[0], to_lowbit_layout(*_random_weight(8, 300, bits, group, g), bits, group,
+                                                            300).to(DEVICE)])
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
 @pytest.mark.parametrize("m,n,k,group", [(3, 40, 200, 64), (17, 33, 300, 300)])
 def test_expand_then_gemm_paths(bits, m, n, k, group):
     """The prefill paths: weight expanded once (to bf16 with scales / to int8 codes), then a dense GEMM."""

@@ -17,6 +17,8 @@ BLOCK_N rows is BLOCK_N contiguous runs of bytes and loads 16 bytes per thread):
   bits exactly like INT4, `high` uint8 [N, k_pad/4] the top 2 bits, column 4i+j at bits 2j of byte i.
 - `scales` fp16 [ceil(k_pad/G), N]: transposed so a tile's scales for one group are one contiguous load; groups
   that lie wholly in the padding get scale 1 (their codes are 0). A per-channel weight (G >= K) has one row.
+  The kernels take the scales' row stride, so `scales` may also be a column slice of a wider matrix: that is how
+  projections fused at load time (`concat_rows`) keep their own weights as views of the fused one.
 """
 
 from __future__ import annotations
@@ -138,3 +140,25 @@ def dequantize_lowbit(w: LowbitWeight) -> torch.Tensor:
     if not w.per_channel:
         scales = scales.repeat_interleave(w.group, dim=1)[:, : w.k]
     return lowbit_codes(w).float() * scales
+
+
+def concat_rows(parts: list[LowbitWeight]) -> tuple[LowbitWeight, list[LowbitWeight]]:
+    """Stack weights that read the same input ([n_i, k], same bits and group) into one [sum n_i, k] weight, so one
+    GEMM launch computes them all; returns it and each part again as a view of its rows in it (the parts' old
+    tensors can then be freed: the fused weight and the views share memory)."""
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.bits, p.group, p.k, p.k_pad, p.per_channel) != (first.bits, first.group, first.k, first.k_pad,
+                                                               first.per_channel):
+            raise ValueError("concat_rows needs weights of the same bits, group and input features")
+    codes = torch.cat([p.codes for p in parts])
+    high = None if first.high is None else torch.cat([p.high for p in parts])
+    scales = torch.cat([p.scales for p in parts], dim=1)
+    fused = LowbitWeight(first.bits, first.group, codes.shape[0], first.k, first.k_pad, codes, high, scales)
+    views, r0 = [], 0
+    for p in parts:
+        r1 = r0 + p.n
+        views.append(LowbitWeight(p.bits, p.group, p.n, p.k, p.k_pad, codes[r0:r1],
+                                  None if high is None else high[r0:r1], scales[:, r0:r1]))
+        r0 = r1
+    return fused, views

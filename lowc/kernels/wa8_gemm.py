@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import load_table
 from .lowbit_layout import LowbitWeight
 from .packing import unpack_int
 from .reference import quantize_activations
@@ -136,7 +137,7 @@ def _load_int8_tile(codes_ptr, high_ptr, rows, row_mask, k0, stride_c, stride_h,
 
 @triton.jit
 def _wa8_kernel(xq_ptr, xs_ptr, codes_ptr, high_ptr, scales_ptr, bias_ptr, out_ptr,
-                M, N, K, K_PAD, stride_xm, stride_om, stride_c, stride_h,
+                M, N, K, K_PAD, stride_xm, stride_om, stride_c, stride_h, stride_s,
                 BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 GROUP_M: tl.constexpr):
@@ -163,7 +164,7 @@ def _wa8_kernel(xq_ptr, xs_ptr, codes_ptr, high_ptr, scales_ptr, bias_ptr, out_p
             acc_i = tl.dot(w, xt, acc_i, out_dtype=tl.int32)
         else:
             tl.static_assert(BLOCK_K <= 256)  # |partial| <= 128 * 128 * 256 = 2^22
-            s = tl.load(scales_ptr + (k0 // GROUP) * N + rows, mask=row_mask, other=0.0).to(tl.float32)
+            s = tl.load(scales_ptr + (k0 // GROUP) * stride_s + rows, mask=row_mask, other=0.0).to(tl.float32)
             acc += _int32_to_f32(tl.dot(w, xt, out_dtype=tl.int32)) * s[:, None]
     if PER_CHANNEL:
         acc = acc_i.to(tl.float32) * tl.load(scales_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
@@ -209,7 +210,7 @@ def _launch_wa8(xq: torch.Tensor, xs: torch.Tensor, w: LowbitWeight, bias: torch
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(w.n, cfg.block_n), cfg.split_k)
     _wa8_kernel[grid](
         xq, xs, w.codes, high, w.scales, bias if bias is not None else w.scales, out,
-        m, w.n, w.k, w.k_pad, xq.stride(0), out.stride(0), w.codes.stride(0), high.stride(0),
+        m, w.n, w.k, w.k_pad, xq.stride(0), out.stride(0), w.codes.stride(0), high.stride(0), w.scales.stride(0),
         BITS=w.bits, GROUP=w.group, PER_CHANNEL=w.per_channel, HAS_BIAS=bias is not None,
         SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -229,10 +230,12 @@ def wa8_gemm_quantized(xq: torch.Tensor, xs: torch.Tensor, w: LowbitWeight, bias
     m = xq.shape[0]
     if config is None:
         key = ("wa8", m_bucket(m), w.n, w.k, w.bits, w.group, out_dtype)
+        if not interpreting():
+            load_table(xq.device)  # the committed dispatch table of this GPU model, once per process
         config = _TUNED.get(key)
         if config is None:
             cands = [fit_block_k(c, w, m) for c in wa8_configs(m, w.n, w.k)]
-            config = pick_config(key, cands, lambda c: _launch_wa8(xq, xs, w, bias, out_dtype, c))
+            config = pick_config(key, cands, lambda c: _launch_wa8(xq, xs, w, bias, out_dtype, c), cold=m <= 16)
     else:
         config = fit_block_k(config, w, m)
     return _launch_wa8(xq, xs, w, bias, out_dtype, config)
