@@ -65,3 +65,44 @@ def test_float32_inputs_and_unsupported_schemes_take_the_reference_path():
     assert fast_kernel_name(dataclasses.replace(m.scheme, bits=3)) is None
     assert fast_kernel_name(dataclasses.replace(m.scheme, slorb_group=16)) is None
     assert fast_kernel_name(dataclasses.replace(m.scheme, abits=8)) == "wa8"
+
+
+@pytest.mark.parametrize("abits,smooth,bias", [(None, False, False), (8, False, True), (6, True, False)])
+def test_fused_projections_equal_their_parts(abits, smooth, bias):
+    """q/k/v-style fusion: one GEMM over the stacked rows gives the parts side by side, the parts keep computing
+    the same through views of the fused weight (no second copy), and unfusable sets are refused."""
+    from lowc.runtime.fused_linear import fuse_linears
+
+    parts = [_module(n, 96, 6, 32, abits, smooth, bias, seed=s) for s, n in enumerate((48, 16, 16))]
+    if smooth:  # fusable only with the same input smoothing
+        for p in parts[1:]:
+            p.smooth = parts[0].smooth
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(2)).to(DEVICE, torch.bfloat16)
+    assert fuse_linears(parts) is None  # reference-path modules have no kernel layout to share
+    for p in parts:
+        p.use_fast_kernel()
+    before = [p(x) for p in parts]
+    fused = fuse_linears(parts)
+    assert fused is not None and fused.out_features == 80 and fused.kernel == parts[0].kernel
+    assert parts[2].lowbit_codes.data_ptr() == fused.lowbit_codes[64:].data_ptr()
+    assert torch.equal(fused(x), torch.cat(before, -1))
+    for p, y in zip(parts, before):
+        assert torch.equal(p(x), y)
+    other = _module(16, 96, 4, 32, abits, smooth, bias)
+    other.use_fast_kernel()
+    assert fuse_linears([parts[0], other]) is None  # different bits
+
+
+def test_fused_plain_linears_share_memory():
+    from lowc.runtime.fused_linear import fuse_linears
+
+    torch.manual_seed(0)
+    parts = [torch.nn.Linear(32, n, bias=True) for n in (8, 24)]
+    x = torch.randn(2, 32)
+    before = [p(x) for p in parts]
+    fused = fuse_linears(parts)
+    assert torch.allclose(fused(x), torch.cat(before, -1), atol=1e-6)
+    assert parts[1].weight.data_ptr() == fused.weight[8:].data_ptr()
+    assert parts[1].bias.data_ptr() == fused.bias[8:].data_ptr()
+    assert all(torch.allclose(p(x), y, atol=1e-6) for p, y in zip(parts, before))
+    assert fuse_linears([parts[0], torch.nn.Linear(32, 8, bias=False)]) is None

@@ -73,15 +73,16 @@ def bench_prefill(model: torch.nn.Module, lengths: Sequence[int], repeats: int =
 
 
 def bench_decode(model: torch.nn.Module, batches: Sequence[int], prompt_tokens: int = 128, new_tokens: int = 64,
-                 cuda_graphs: bool | None = None, attention: str = "sdpa") -> list[dict]:
-    """Decode tokens/s with `batch` requests decoding together (a warm-up round first captures CUDA graphs)."""
+                 cuda_graphs: bool | None = None, attention: str = "sdpa", fuse: bool | None = None) -> list[dict]:
+    """Decode tokens/s with `batch` requests decoding together (a warm-up round first captures CUDA graphs);
+    `fuse` as in `Engine` (None: the fused decode kernels on CUDA)."""
     max_pos = model.config.max_position_embeddings
     new_tokens = max(2, min(new_tokens, max_pos // 2))
     prompt_tokens = max(1, min(prompt_tokens, max_pos - new_tokens))
     rows = []
     for batch in batches:
         engine = Engine(model, max_batch=batch, max_seq_len=prompt_tokens + new_tokens, cuda_graphs=cuda_graphs,
-                        attention=attention)
+                        attention=attention, fuse=fuse)
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         for round_ in range(2):  # warm-up, measured
             for i in range(batch):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..errors import LowcError, UsageError
 from ..models.llama import apply_rope
+from .fused_linear import fuse_linears
 from .generate import SamplingConfig, sample_next
 
 log = logging.getLogger("lowc.runtime.engine")
@@ -279,12 +280,14 @@ class Engine:
 
     max_batch: cache slots (requests decoded together); max_seq_len: prompt + generated tokens per request
     (default: the model's max_position_embeddings); cache_dtype: default the model's dtype; cuda_graphs: None
-    means "on when the model is on CUDA"; attention: "sdpa" or "sage" (SageAttention for prefill on CUDA).
+    means "on when the model is on CUDA"; attention: "sdpa" or "sage" (SageAttention for prefill on CUDA);
+    fuse: the fused decode kernels of `kernels/decoder_ops.py` and q/k/v and gate/up projections fused into one
+    GEMM each (`fused_linear.py`); None means "on for a 16-bit model on CUDA".
     """
 
     def __init__(self, model: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int | None = None,
                  cache_dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, attention: str = "sdpa",
-                 tokenizer=None):
+                 fuse: bool | None = None, tokenizer=None):
         if getattr(model, "kind", None) != "decoder" or not hasattr(model, "model") or not hasattr(model, "lm_head"):
             raise UsageError("the generation engine runs Llama-family decoders (this model is not one)")
         if attention not in ("sdpa", "sage"):
@@ -307,6 +310,13 @@ class Engine:
         self.k = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(c.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(c.num_hidden_layers)]
         self.attention = attention
+        if fuse is None:
+            fuse = self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+        self.fuse = bool(fuse)
+        layers = model.model.layers
+        self._qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) if self.fuse
+                     else None for l in layers]
+        self._gate_up = [fuse_linears([l.mlp.gate_proj, l.mlp.up_proj]) if self.fuse else None for l in layers]
         eos = getattr(self.tokenizer, "eos_ids", None)
         if eos is None:
             e = c.eos_token_id
@@ -472,6 +482,25 @@ class Engine:
             return sage_attention(q, k, v, causal=True)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
 
+    def _project_qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer i's queries, keys and values [..., heads * head_dim] (one fused GEMM when the layer has one)."""
+        attn = self.model.model.layers[i].self_attn
+        if self._qkv[i] is None:
+            return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        kv = self.n_kv * self.head_dim
+        return self._qkv[i](h).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+
+    def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer i's SwiGLU MLP (gate and up in one fused GEMM, SiLU·gate in one kernel when fused)."""
+        mlp = self.model.model.layers[i].mlp
+        if self.fuse:
+            from ..kernels.decoder_ops import silu_mul
+        if self._gate_up[i] is None:
+            g, u = mlp.gate_proj(h), mlp.up_proj(h)
+        else:
+            g, u = self._gate_up[i](h).chunk(2, dim=-1)
+        return mlp.down_proj(silu_mul(g, u) if self.fuse else F.silu(g) * u)
+
     def _prefill_forward(self, ids: torch.Tensor, slot: int) -> torch.Tensor:
         """Run a prompt [T] through the model, writing its keys/values into `slot`; last-position logits [vocab]."""
         m = self.model.model
@@ -480,17 +509,17 @@ class Engine:
         cos, sin = m.rotary_emb(torch.arange(T, device=ids.device), x.dtype)
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(1, T, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k, v = self._project_qkv(i, layer.input_layernorm(x))
+            q = q.view(1, T, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
+            v = v.view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.k[i][slot, :, :T] = k[0]
             self.v[i][slot, :, :T] = v[0]
             k, v = k.to(self.cache_dtype).to(q.dtype), v.to(self.cache_dtype).to(q.dtype)
             y = self._attention_prefill(q, k, v)
             x = x + attn.o_proj(y.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._mlp(i, layer.post_attention_layernorm(x))
         return self.model.lm_head(m.norm(x[:, -1:]))[0, 0].float()
 
     def _decode_forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -500,6 +529,8 @@ class Engine:
         Query heads are grouped per KV head ([B, n_kv, group, D] against [B, n_kv, L, D]): GQA without repeating
         the cache and without needing a backend that supports `enable_gqa` with a mask.
         """
+        if self.fuse:
+            return self._decode_forward_fused(tokens, positions, kv_len)
         m = self.model.model
         B = tokens.shape[0]
         group = self.n_heads // self.n_kv
@@ -510,10 +541,10 @@ class Engine:
         rows = torch.arange(B, device=tokens.device)
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(B, 1, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k, v = self._project_qkv(i, layer.input_layernorm(x))
+            q = q.view(B, 1, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            v = v.view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             kc, vc = self.k[i], self.v[i]
             kc[rows, :, positions] = k[:, :, 0].to(self.cache_dtype)
@@ -522,8 +553,32 @@ class Engine:
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, group, self.head_dim), keys, values,
                                                attn_mask=mask)
             x = x + attn.o_proj(y.reshape(B, 1, self.n_heads * self.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._mlp(i, layer.post_attention_layernorm(x))
         return self.model.lm_head(m.norm(x))[:, 0].float()
+
+    def _decode_forward_fused(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """`_decode_forward` on the fused kernels: per layer one launch each for the q/k/v GEMM, RoPE + cache write,
+        attention, the o GEMM, residual add + norm, the gate/up GEMM, SiLU·gate, the down GEMM, add + norm."""
+        from ..kernels.decoder_ops import add_rms_norm, rope_to_cache
+        m = self.model.model
+        B = tokens.shape[0]
+        group = self.n_heads // self.n_kv
+        x = m.embed_tokens(tokens)
+        cos, sin = m.rotary_emb(positions, x.dtype)
+        mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        norms = [layer.input_layernorm for layer in m.layers] + [m.norm]
+        h, x = add_rms_norm(x, norms[0].weight, norms[0].eps)
+        for i, layer in enumerate(m.layers):
+            q, k, v = self._project_qkv(i, h)
+            q = rope_to_cache(q, k, v, cos, sin, positions, self.k[i], self.v[i])
+            keys, values = self.k[i][:B, :, :kv_len].to(q.dtype), self.v[i][:B, :, :kv_len].to(q.dtype)
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv, group, self.head_dim), keys, values,
+                                               attn_mask=mask)
+            o = layer.self_attn.o_proj(y.reshape(B, self.n_heads * self.head_dim))
+            post = layer.post_attention_layernorm
+            h, x = add_rms_norm(x, post.weight, post.eps, o)
+            h, x = add_rms_norm(x, norms[i + 1].weight, norms[i + 1].eps, self._mlp(i, h))
+        return self.model.lm_head(h).float()
 
     # ------------------------------------------------------------------------------------------- request lifecycle
     def _admit(self, handle: RequestHandle) -> None:
