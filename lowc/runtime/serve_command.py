@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -136,9 +137,23 @@ def serve(artifact: Path, host: str, port: int, device: str | None, dtype: str, 
 @click.option("--attention", type=click.Choice(["sdpa", "sage"]), default="sdpa", show_default=True)
 @click.option("--no-cuda-graphs", is_flag=True, help="Decode eagerly on GPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--shapes", default="llama-2-7b,llama-2-70b", show_default=True,
+              help="bench kernels: model names (llama-2-7b, llama-2-70b) or NxK weight shapes, comma-separated.")
+@click.option("--tokens", default="1,16,128,4096", show_default=True, help="bench kernels: token counts.")
+@click.option("--bits", default="4,6,8", show_default=True, help="bench kernels: weight bits.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="bench kernels: table file (default: lowc/kernels/tables/<this GPU>.json, merged).")
 def bench(path: Path, device: str | None, dtype: str, prefill: str, batches: str, prompt_tokens: int,
-          new_tokens: int, attention: str, no_cuda_graphs: bool, as_json: bool) -> None:
-    """Prefill / decode tokens/s, time to first token and GPU memory of an artifact or HF checkpoint at PATH."""
+          new_tokens: int, attention: str, no_cuda_graphs: bool, as_json: bool, shapes: str, tokens: str,
+          bits: str, out: Path | None) -> None:
+    """Prefill / decode tokens/s, time to first token and GPU memory of an artifact or HF checkpoint at PATH.
+
+    `lowc bench kernels` instead measures the fastest low-bit GEMM config for every shape, token count and bit
+    width on this GPU and writes the dispatch table the runtime reads (lowc/kernels/tables/<device>.json).
+    """
+    if str(path) == "kernels" and not path.exists():
+        _bench_kernels(shapes, _ints(tokens, "--tokens"), _ints(bits, "--bits"), out)
+        return
     from .bench import run_bench
 
     device = _device(device)
@@ -166,3 +181,29 @@ def bench(path: Path, device: str | None, dtype: str, prefill: str, batches: str
     if "peak_gpu_memory_bytes" in out:
         table.add_row("peak GPU memory", format_bytes(out["peak_gpu_memory_bytes"]))
     Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(table)
+
+
+def _bench_kernels(shapes: str, tokens: list[int], bits: list[int], out: Path | None) -> None:
+    from ..kernels.dispatch import LLAMA_SHAPES, save_table, tune
+
+    if not torch.cuda.is_available():
+        raise UsageError("lowc bench kernels measures GPU kernels: CUDA is not available on this machine")
+    if any(b not in (4, 6, 8) for b in bits) or any(t < 1 for t in tokens):
+        raise UsageError("--bits takes 4, 6, 8; --tokens positive numbers")
+    pairs: list[tuple[int, int]] = []
+    for item in (s.strip().lower() for s in shapes.split(",") if s.strip()):
+        if item in LLAMA_SHAPES:
+            pairs += LLAMA_SHAPES[item]
+        elif re.fullmatch(r"\d+x\d+", item):
+            pairs.append(tuple(int(v) for v in item.split("x")))
+        else:
+            raise UsageError(f"--shapes: unknown '{item}' (model names: {', '.join(LLAMA_SHAPES)}, or NxK)")
+    from rich.progress import Progress
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("timing kernel configs", total=len(pairs) * len(bits) * len(tokens) * 2)
+        entries = tune(dict.fromkeys(pairs), tokens, bits, on_key=lambda msg: progress.update(
+            task, advance=1, description=msg))
+    command = "lowc bench kernels " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "lowc bench kernels"
+    path = save_table(entries, out, command=command.strip())
+    click.echo(f"{len(entries)} kernel choices for {torch.cuda.get_device_name()} written to {path}")
