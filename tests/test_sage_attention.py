@@ -89,7 +89,10 @@ def test_prefill_matches_reference(pv, causal, dtype, shape):
     ref, ref_lse = attention_reference(q, k, v, causal, return_lse=True)
     assert out.shape == q.shape and out.dtype == q.dtype
     _check(out, ref, FP16_PV if pv == "fp16" else FP8_PV)
-    assert (lse.cpu() - ref_lse.cpu()).abs().max() < 0.05
+    # the first causal rows see one or two keys, so their LSE carries the INT8 score error undiluted: over 40 draws
+    # per case the largest error was 0.018-0.02 non-causal and 0.047-0.049 causal (0.056 seen once); a wrong scale
+    # or mask is off by far more than 0.1
+    assert (lse.cpu() - ref_lse.cpu()).abs().max() < (0.1 if causal else 0.05)
 
 
 @pytest.mark.parametrize("pv", ["fp16", "fp8"])
