@@ -555,7 +555,7 @@ def main() -> int:
                      "triton": __import__("triton").__version__},
         "command": "PYTHONPATH=$PWD python benchmarks/kernels_vnm.py" + (" --quick" if args.quick else ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "backend": getattr(vnm_mod._BACKEND[0], "name", None) if vnm_mod._BACKEND else None,
+        "backend": vnm_mod.backend().name if torch.cuda.is_available() else None,
         "results": rows,
         "targets": targets,
         "checks": checks,

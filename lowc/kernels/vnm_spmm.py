@@ -1,8 +1,8 @@
 """V:N:M sparse GEMM on sparse tensor cores: y = x @ W^T (+ bias) for a V:N:M weight in `vnm_layout`'s layout.
 
 The kernel (lowc/kernels/cuda/vnm_spmm.cu) is CUDA C++ issuing `mma.sp` (Triton cannot), compiled at run time
-with NVRTC through `cuda.core` (or cupy's NVRTC when cuda.core is missing) and cached on disk under
-~/.cache/lowc/vnm_spmm (LOWC_CACHE_DIR overrides ~/.cache/lowc). One compiled variant per (dtype, tile config).
+with NVRTC (`cuda_build`: cuda.core or cupy) and cached on disk under ~/.cache/lowc/vnm_spmm. One compiled variant
+per (dtype, tile config).
 
 Tiles (`VNMConfig`): a CTA is WR x WT warps; each warp owns 16 weight rows (the mma.sp M dimension) and 8*NT
 tokens; all rows of a CTA lie in one V-row block, so the CTA gathers that block's kept columns of x once per K
@@ -23,15 +23,13 @@ RuntimeError.
 
 from __future__ import annotations
 
-import abc
-
-import hashlib
-import os
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from . import cuda_build
+from .cuda_build import backend, check_operands
 from .vnm_layout import VNMInt8Weight, VNMKernelWeight
 
 KERNEL_NAME = "lowc_vnm_spmm"
@@ -57,13 +55,8 @@ class VNMConfig(NamedTuple):
         return (self.wr, self.wt, self.nt, self.kcp, bool(self.xt))
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("LOWC_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "lowc") / "vnm_spmm"
-
-
 def kernel_source() -> str:
-    return SOURCE.read_text()
+    return cuda_build.kernel_source(SOURCE.name)
 
 
 def _min_blocks(cfg: VNMConfig) -> int:
@@ -84,171 +77,12 @@ def _defines(half: bool, cfg: VNMConfig, ordered: bool, int8: bool = False) -> s
             f"#define LOWC_MINB {_min_blocks(cfg)}\n#define LOWC_ORDERED {int(ordered)}\n")
 
 
-class _Backend(abc.ABC):
-    """Compiles variants with NVRTC and launches them on torch's current stream (cuda.core or cupy below)."""
-
-    name = "none"
-
-    @abc.abstractmethod
-    def kernel(self, half: bool, cfg: VNMConfig, int8: bool = False):
-        """The compiled (and cached) kernel of one variant."""
-
-    @abc.abstractmethod
-    def launch(self, kernel, grid, block, args):
-        """Launch `kernel` on torch's current stream."""
-
-
-class _CudaCoreBackend(_Backend):
-    name = "cuda.core"
-
-    def __init__(self):
-        try:
-            from cuda.core import Device, LaunchConfig, ObjectCode, Program, ProgramOptions, launch
-        except ImportError:
-            from cuda.core.experimental import Device, LaunchConfig, ObjectCode, Program, ProgramOptions, launch
-        self._api = dict(Device=Device, LaunchConfig=LaunchConfig, ObjectCode=ObjectCode, Program=Program,
-                         ProgramOptions=ProgramOptions, launch=launch)
-        self._devices: dict[int, object] = {}
-        self._kernels: dict[tuple, object] = {}
-        self._streams: dict[tuple, object] = {}
-        self._modules: list = []  # keep loaded modules alive
-
-    def _device(self):
-        idx = torch.cuda.current_device()
-        dev = self._devices.get(idx)
-        if dev is None:
-            torch.cuda.init()
-            dev = self._api["Device"](idx)
-            dev.set_current()
-            self._devices[idx] = dev
-        return dev
-
-    def kernel(self, half: bool, cfg: VNMConfig, int8: bool = False):
-        self._device()
-        major, minor = torch.cuda.get_device_capability()
-        arch = f"sm_{major}{minor}{'a' if major == 9 else ''}"
-        key = (torch.cuda.current_device(), half, cfg.variant, int8)
-        name = KERNEL_NAME_S8 if int8 else KERNEL_NAME
-        ker = self._kernels.get(key)
-        if ker is not None:
-            return ker
-        errors = []
-        for ordered in (True, False):  # ::ordered_metadata needs PTX ISA 8.5; fall back to plain mma.sp
-            src = _defines(half, cfg, ordered, int8) + kernel_source()
-            digest = hashlib.sha256(f"{arch}\n{src}".encode()).hexdigest()[:24]
-            path = cache_dir() / f"{name}-{arch}-{digest}.cubin"
-            if path.exists():
-                try:
-                    obj = self._api["ObjectCode"].from_cubin(path.read_bytes())
-                    ker = obj.get_kernel(name)
-                    self._modules.append(obj)
-                    self._kernels[key] = ker
-                    return ker
-                except Exception:  # noqa: BLE001 - a stale or foreign file: rebuild it
-                    path.unlink(missing_ok=True)
-            try:
-                opts = self._api["ProgramOptions"](arch=arch, std="c++17")
-                prog = self._api["Program"](src, code_type="c++", options=opts)
-                obj = prog.compile("cubin")
-                ker = obj.get_kernel(name)
-            except Exception as exc:  # noqa: BLE001 - try the other mma.sp spelling, then report
-                errors.append(f"[ordered_metadata={ordered}] {type(exc).__name__}: {exc}")
-                continue
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_bytes(bytes(obj.code))
-                tmp.replace(path)
-            except Exception:  # noqa: BLE001 - the disk cache is an optimisation only
-                pass
-            self._modules.append(obj)
-            self._kernels[key] = ker
-            return ker
-        raise RuntimeError(f"vnm_spmm: compiling {SOURCE.name} with NVRTC (cuda.core, {arch}) failed: "
-                           + " | ".join(errors))
-
-    def _stream(self):
-        s = torch.cuda.current_stream()
-        key = (s.device_index, s.cuda_stream)
-        st = self._streams.get(key)
-        if st is None:
-            handle = s.cuda_stream
-            dev = self._device()
-            if handle == 0 and hasattr(dev, "default_stream"):  # torch's default stream is the legacy stream 0
-                st = dev.default_stream
-            else:
-                class _TorchStream:  # the __cuda_stream__ protocol: (version, CUstream address)
-                    def __cuda_stream__(self):
-                        return (0, handle)
-
-                st = dev.create_stream(_TorchStream())
-            self._streams[key] = st
-        return st
-
-    def launch(self, kernel, grid, block, args):
-        cfg = self._api["LaunchConfig"](grid=grid, block=block, shmem_size=0)
-        # every kernel parameter is 8 bytes wide: cuda.core passes Python ints as intptr_t
-        self._api["launch"](self._stream(), cfg, kernel, *[int(a) for a in args])
-
-
-class _CupyBackend(_Backend):
-    name = "cupy"
-
-    def __init__(self):
-        import cupy  # noqa: F401
-
-        self._cupy = cupy
-        self._kernels: dict[tuple, object] = {}
-        os.environ.setdefault("CUPY_CACHE_DIR", str(cache_dir() / "cupy"))
-
-    def kernel(self, half: bool, cfg: VNMConfig, int8: bool = False):
-        major, minor = torch.cuda.get_device_capability()
-        key = (torch.cuda.current_device(), half, cfg.variant, int8)
-        ker = self._kernels.get(key)
-        if ker is not None:
-            return ker
-        last = None
-        for ordered in (True, False):
-            src = _defines(half, cfg, ordered, int8) + kernel_source()
-            try:
-                with self._cupy.cuda.Device(torch.cuda.current_device()):
-                    mod = self._cupy.RawModule(code=src, options=("-std=c++17",), backend="nvrtc")
-                    ker = mod.get_function(KERNEL_NAME_S8 if int8 else KERNEL_NAME)
-                    if hasattr(ker, "compile"):
-                        ker.compile()
-                self._kernels[key] = ker
-                return ker
-            except Exception as exc:  # noqa: BLE001
-                last = exc
-        raise RuntimeError(f"vnm_spmm: compiling {SOURCE.name} with cupy/NVRTC (sm_{major}{minor}) failed: {last}")
-
-    def launch(self, kernel, grid, block, args):
-        import numpy as np
-
-        stream = self._cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-        with stream:
-            kernel(grid, block, tuple(np.int64(a) for a in args))
-
-
-_BACKEND: list[_Backend] = []
-
-
-def backend() -> _Backend:
-    """The compile/launch backend: cuda.core, else cupy (LOWC_VNM_BACKEND=cuda.core|cupy forces one)."""
-    if _BACKEND:
-        return _BACKEND[0]
-    want = os.environ.get("LOWC_VNM_BACKEND", "")
-    errors = []
-    for cls in (_CudaCoreBackend, _CupyBackend):
-        if want and cls.name != want:
-            continue
-        try:
-            _BACKEND.append(cls())
-            return _BACKEND[0]
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"{cls.name}: {type(exc).__name__}: {exc}")
-    raise RuntimeError("vnm_spmm needs cuda.core (pip install cuda-core) or cupy to compile its CUDA kernel "
-                       "with NVRTC; " + "; ".join(errors))
+def _kernel(half: bool, cfg: VNMConfig, int8: bool = False):
+    """The compiled kernel of one variant; ::ordered_metadata needs PTX ISA 8.5, plain mma.sp is the fallback
+    (lowc's metadata is ascending, so both read it the same)."""
+    src = kernel_source()
+    return backend().kernel(KERNEL_NAME_S8 if int8 else KERNEL_NAME,
+                            [_defines(half, cfg, ordered, int8) + src for ordered in (True, False)], "vnm_spmm")
 
 
 def _row_warps(v: int, limit: int = 4) -> int:
@@ -280,22 +114,11 @@ def _split_for(cfg: VNMConfig, grid_xy: int, nchunks: int) -> int:
 
 
 def _check(x: torch.Tensor, w: VNMKernelWeight, bias: torch.Tensor | None) -> None:
-    if not torch.cuda.is_available():
-        raise RuntimeError("vnm_spmm needs a CUDA GPU (sparse tensor cores, sm_80 or newer); on CPU use "
-                           "lowc.kernels.reference.packed_linear / vnm_to_dense")
-    if not x.is_cuda or not w.values.is_cuda:
-        raise RuntimeError(f"vnm_spmm runs on CUDA tensors; got x on {x.device}, weight on {w.values.device}")
-    if torch.cuda.get_device_capability(x.device)[0] < 8:
-        raise RuntimeError("vnm_spmm needs sparse tensor cores (compute capability 8.0 or newer)")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"vnm_spmm takes bfloat16 or float16 activations, got {x.dtype}")
+    check_operands("vnm_spmm", x, w.values, w.cols, w.rows, bias, "sparse tensor cores",
+                   "lowc.kernels.reference.packed_linear / vnm_to_dense")
     if w.values.dtype != x.dtype:
         raise ValueError(f"weight values are {w.values.dtype} but x is {x.dtype}: convert the layout with "
                          f"to_vnm_kernel_layout(..., dtype={x.dtype})")
-    if x.shape[-1] != w.cols:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {w.cols}")
-    if bias is not None and tuple(bias.shape) != (w.rows,):
-        raise ValueError(f"bias must have shape ({w.rows},), got {tuple(bias.shape)}")
     for name, t in (("columns", w.columns), ("values", w.values), ("meta", w.meta)):
         if not t.is_contiguous() or t.data_ptr() % 16:
             raise ValueError(f"kernel layout tensor {name} must be contiguous and 16-byte aligned")
@@ -330,8 +153,7 @@ def vnm_spmm(x: torch.Tensor, w: VNMKernelWeight, bias: torch.Tensor | None = No
     split = -(-nchunks // per_split)
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
-    be = backend()
-    kernel = be.kernel(x.dtype == torch.float16, cfg)
+    kernel = _kernel(x.dtype == torch.float16, cfg)
     y = torch.empty(tokens, w.rows, device=x.device, dtype=x.dtype)
     ws = counters = None
     if split > 1:
@@ -348,7 +170,7 @@ def vnm_spmm(x: torch.Tensor, w: VNMKernelWeight, bias: torch.Tensor | None = No
             bias.data_ptr() if bias is not None else 0, y.data_ptr(), 0 if ws is None else ws.data_ptr(),
             0 if counters is None else counters.data_ptr(),
             tokens, w.cols, w.rows, w.v, kp, ldx, w.rows, per_split, int(bias is not None))
-    be.launch(kernel, (grid_x, grid_y, split), (32 * cfg.wr * cfg.wt, 1, 1), args)
+    backend().launch(kernel, (grid_x, grid_y, split), (32 * cfg.wr * cfg.wt, 1, 1), args)
     return y.reshape(out_shape)
 
 
@@ -395,17 +217,8 @@ def vnm_spmm_int8(x: torch.Tensor, w: VNMInt8Weight, bias: torch.Tensor | None =
     """y = s_x * (q_x . Wq^T) * s_w (+ bias) on sparse INT8 tensor cores (mma.sp m16n8k32 s8, int32 accumulation):
     x [..., K] bf16/fp16 is quantized per token (FORMAT.md's A8/A6 rule, `wa8_gemm.quantize_rows`), the weight is
     an INT8 V:N:M layout with per-row scales. Returns x's dtype, [..., R]."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("vnm_spmm_int8 needs a CUDA GPU (sparse tensor cores, sm_80 or newer); on CPU use "
-                           "lowc.kernels.reference.packed_linear")
-    if not x.is_cuda or not w.values.is_cuda:
-        raise RuntimeError(f"vnm_spmm_int8 runs on CUDA tensors; got x on {x.device}, weight on {w.values.device}")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"vnm_spmm_int8 takes bfloat16 or float16 activations, got {x.dtype}")
-    if x.shape[-1] != w.cols:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {w.cols}")
-    if bias is not None and tuple(bias.shape) != (w.rows,):
-        raise ValueError(f"bias must have shape ({w.rows},), got {tuple(bias.shape)}")
+    check_operands("vnm_spmm_int8", x, w.values, w.cols, w.rows, bias, "sparse tensor cores",
+                   "lowc.kernels.reference.packed_linear")
     from .wa8_gemm import quantize_rows
 
     x2 = x.reshape(-1, w.cols)
@@ -428,8 +241,7 @@ def vnm_spmm_int8(x: torch.Tensor, w: VNMInt8Weight, bias: torch.Tensor | None =
     split = -(-nchunks // per_split)
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
-    be = backend()
-    kernel = be.kernel(x.dtype == torch.float16, cfg._replace(xt=False), int8=True)
+    kernel = _kernel(x.dtype == torch.float16, cfg._replace(xt=False), int8=True)
     y = torch.empty(tokens, w.rows, device=x.device, dtype=x.dtype)
     ws = counters = None
     if split > 1:
@@ -439,5 +251,5 @@ def vnm_spmm_int8(x: torch.Tensor, w: VNMInt8Weight, bias: torch.Tensor | None =
             w.scales.data_ptr(), bias.data_ptr() if bias is not None else 0, y.data_ptr(),
             0 if ws is None else ws.data_ptr(), 0 if counters is None else counters.data_ptr(),
             tokens, w.cols, w.rows, w.v, kp, xq.stride(0), w.rows, per_split, int(bias is not None))
-    be.launch(kernel, (grid_x, grid_y, split), (32 * cfg.wr * cfg.wt, 1, 1), args)
+    backend().launch(kernel, (grid_x, grid_y, split), (32 * cfg.wr * cfg.wt, 1, 1), args)
     return y.reshape(out_shape)

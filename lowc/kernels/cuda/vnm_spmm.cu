@@ -27,11 +27,9 @@
 //
 // Compile-time parameters (the host prepends #defines): LOWC_HALF (1 = fp16, else bf16), LOWC_WR, LOWC_WT,
 // LOWC_NT, LOWC_KCP, LOWC_XT, LOWC_MINB, LOWC_ORDERED (1: mma.sp::ordered_metadata, PTX ISA >= 8.5; lowc's metadata is
-// ascending so both forms read it the same). No headers: the file compiles under NVRTC without include paths.
+// ascending so both forms read it the same). No headers: the host prepends common.cuh (types, conversions) and
+// NVRTC compiles the whole without include paths.
 
-#ifndef LOWC_HALF
-#define LOWC_HALF 0
-#endif
 #ifndef LOWC_WR
 #define LOWC_WR 4
 #endif
@@ -54,9 +52,6 @@
 #define LOWC_MINB 1  // __launch_bounds__ min blocks per SM: caps registers at 64K / (threads * MINB)
 #endif
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef long long i64;
 
 #define LOWC_STR2(x) #x
 #define LOWC_STR(x) LOWC_STR2(x)
@@ -70,26 +65,6 @@ typedef long long i64;
 #else
 #define LOWC_MMA_SP "mma.sp.sync.aligned.m16n8k16.row.col.f32." LOWC_AB "." LOWC_AB ".f32 "
 #endif
-
-static __device__ __forceinline__ float lowc_to_float(u16 v) {
-#if LOWC_HALF
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-    return f;
-#else
-    return __uint_as_float(((u32)v) << 16);
-#endif
-}
-
-static __device__ __forceinline__ u16 lowc_from_float(float f) {
-    u16 v;
-#if LOWC_HALF
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
-#else
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
-#endif
-    return v;
-}
 
 // D += A(16x16, 2:4 sparse: a0a1 / a2a3 compressed) * B(16x8), metadata e, sparsity selector 0.
 static __device__ __forceinline__ void lowc_mma_sp(float* d, u32 a0, u32 a1, u32 b0, u32 b1, u32 e) {
