@@ -220,15 +220,16 @@ def test_compressed_artifact_batched_matches_single(tiny_llama, tmp_path):
 
 def test_fused_decode_path_matches_single_requests(tiny_llama):
     """The fused decode kernels and q/k/v, gate/up projections (on by default for 16-bit models on CUDA; here
-    forced on, in Triton's CPU interpreter) give the tokens of unfused single-request generation."""
-    fused_model = randomize_weights(load(tiny_llama))
+    forced on; in Triton's CPU interpreter without a GPU) give the tokens of unfused single-request generation."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled Triton kernels take only CUDA tensors
+    fused_model = randomize_weights(load(tiny_llama)).to(device)
     lengths = [3, 17, 9]
     ps = prompts(fused_model.config.vocab_size, lengths, seed=3)
     want = [single(fused_model, p, 8) for p in ps]
     engine = Engine(fused_model, max_batch=2, fuse=True)
     assert all(f is not None for f in engine._qkv + engine._gate_up)
     with torch.inference_mode():
-        ids = torch.tensor(ps[1])
+        ids = torch.tensor(ps[1], device=device)
         ref = fused_model(ids[None])[0, -1]
         torch.testing.assert_close(engine._prefill_forward(ids, 0), ref, rtol=1e-5, atol=1e-5)
     handles = engine.generate(ps, SamplingParams(max_tokens=8, ignore_eos=True))
