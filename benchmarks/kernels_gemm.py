@@ -165,7 +165,12 @@ def main() -> int:
     ap.add_argument("--sweep", metavar="NxK", help="time a grid of configs for one shape instead")
     ap.add_argument("--tokens", default="1,16,4096", help="token counts for --sweep")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--attach-btc", metavar="RESULTS_JSON",
+                    help="only refresh the BTC targets of this results file from kernels_btc_<device>.json beside it")
     args = ap.parse_args()
+    if args.attach_btc:
+        attach_btc(Path(args.attach_btc))
+        return 0
     if not torch.cuda.is_available():
         print("kernels_gemm: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -284,10 +289,9 @@ def main() -> int:
                "in results show the same kernels without group scales)")
         target(f"prefill {label} speedup vs torch._int_mm incl. activation quantization (4096 tokens)", 1.0,
                ratios(label, prefill, "torch._int_mm W8A8 per-channel incl. act quant"), every)
-    target("BTC GEMM correct for W6A6, W6A8, W4A8, W2A8", 1.0, [], "not measured: BTC GEMM not built in this run")
-    target("BTC GEMM speed vs unpack path per shape", 1.0, [], "not measured: BTC GEMM not built in this run")
-
     name = torch.cuda.get_device_name()
+    targets += btc_targets(Path(args.out) / f"kernels_btc_{device_slug(name)}.json")
+
     result = {
         "device": name,
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda},
@@ -316,6 +320,40 @@ def main() -> int:
     for t in targets:
         print(f"{'MET ' if t['met'] else 'MISS'} {t['name']}: goal {t['goal']}, measured {t['measured']}")
     return 0 if all(c["ok"] for c in checks) else 1
+
+
+def btc_targets(path: Path) -> list[dict]:
+    """The BTC GEMM targets, from the results file of benchmarks/kernels_btc.py (which measures the BTC kernel
+    against this unpack path on the same shapes): correctness of every bit pair, and its speed against the
+    unpack-to-INT8 GEMM at 1 token and at 4096 tokens (worst case over shapes and bit pairs)."""
+    if not path.is_file():
+        note = f"not measured: run benchmarks/kernels_btc.py first (it writes {path.name} to the same folder)"
+        return [{"name": n, "goal": 1.0, "measured": None, "met": False, "note": note} for n in (
+            "BTC GEMM correct for W6A6, W6A8, W4A8, W2A8", "BTC GEMM speed vs unpack path, 1 token",
+            "BTC GEMM speed vs unpack path, 4096 tokens")]
+    doc = json.loads(path.read_text())
+    ok = sum(c["ok"] for c in doc["checks"]) / len(doc["checks"])
+    vs = [r for r in doc["results"] if r["baseline_name"].startswith("lowc unpack")]
+    out = [{"name": "BTC GEMM correct for W6A6, W6A8, W4A8, W2A8", "goal": 1.0, "measured": round(ok, 4),
+            "met": ok == 1.0, "note": f"{len(doc['checks'])} checks against wa8_reference in {path.name}"}]
+    for tokens in (1, 4096):
+        ratios = {r["case"]: r["ratio"] for r in vs if r["case"].endswith(f" t{tokens}")}
+        wins = sorted(c.removeprefix("BTC ") for c, v in ratios.items() if v > 1)
+        worst = min(ratios.values()) if ratios else None
+        out.append({"name": f"BTC GEMM speed vs unpack path, {tokens} token{'s' if tokens > 1 else ''}", "goal": 1.0,
+                    "measured": worst, "met": worst is not None and worst >= 1.0,
+                    "note": f"worst case over shapes and bit pairs in {path.name}; faster than the unpack path in "
+                            f"{len(wins)} of {len(ratios)} cases" + (f" ({', '.join(wins)})" if 0 < len(wins) <= 8
+                                                                       else "")})
+    return out
+
+
+def attach_btc(results: Path) -> None:
+    """Refresh the BTC targets of an existing kernels_gemm results file from kernels_btc's file beside it."""
+    doc = json.loads(results.read_text())
+    btc = results.with_name(results.name.replace("kernels_gemm_", "kernels_btc_"))
+    doc["targets"] = [t for t in doc["targets"] if not t["name"].startswith("BTC GEMM")] + btc_targets(btc)
+    results.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def plot(table, path: Path, device: str) -> None:
