@@ -5,13 +5,14 @@
 | dense float (not compressed) | initializer in its stored dtype, Cast, MatMul |
 | INT8 / INT4, dense | `DequantizeLinear(block_size=group, axis=0)` of an INT8 / INT4 initializer [K, R] (the transposed codes, same bytes count), float32 scales, MatMul |
 | INT6, dense | `lowc::Int6Gemm` on the artifact's packed bytes and fp16 scales |
+| INT2 / INT3, dense | `lowc::BTCGemm` on the artifact's packed bytes and fp16 scales |
 | V:N:M (float values) | `lowc::VNMGemm` on the artifact's values, columns and positions |
-| V:N:M + INT4/6/8 | `lowc::VNMQGemm` on the artifact's packed codes, scales, columns and positions |
+| V:N:M + INT2/3/4/6/8 | `lowc::VNMQGemm` on the artifact's packed codes, scales, columns and positions |
 | `abits` (A8/A6) | per-token symmetric quantize-dequantize of the input in standard ops (after `Div` by the module's `smooth` factors when it has them), then the above |
 | `slorb_group` (SLoRB branch) | plus, in standard ops on the unquantized input: `Slice` + `Reshape` + `ReduceSum` per group of input channels (a short last group summed on its own), `Cast` of the stored `slorb` [R, G] to float32, `Transpose`, `MatMul`, `Add` |
 
-INT2 / INT3 weights have no ONNX form here (no standard type; lowc's BTCGemm plugin is not built yet): such a module
-is refused, or with `allow_fallback` stored as its dequantized float32 weight and reported.
+A module whose scheme has no form here (`unsupported_reason`; every scheme lowc writes today has one) is refused, or
+with `allow_fallback` stored as its dequantized float32 weight and reported.
 """
 
 from __future__ import annotations
@@ -23,16 +24,15 @@ from ..kernels import reference
 from ..kernels.packing import unpack_int
 from ..scheme import ModuleScheme
 from .onnx_builder import Builder, int4_tensor_proto
-from .onnx_ops import INT6_GEMM, VNM_GEMM, VNM_QGEMM, lowc_node
+from .onnx_ops import BTC_GEMM, INT6_GEMM, VNM_GEMM, VNM_QGEMM, lowc_node
 
-EXPRESSIBLE_BITS = (4, 6, 8)
+EXPRESSIBLE_BITS = (2, 3, 4, 6, 8)
 
 
 def unsupported_reason(scheme: ModuleScheme) -> str | None:
     """Why this module cannot be exported as it is stored (None when it can)."""
     if scheme.bits is not None and scheme.bits not in EXPRESSIBLE_BITS:
-        return (f"INT{scheme.bits} weights have no ONNX form in lowc yet (ONNX opset 21 has no {scheme.bits}-bit type "
-                "and lowc's BTCGemm op is not built)")
+        return f"INT{scheme.bits} weights have no ONNX form in lowc"
     return None
 
 
@@ -40,6 +40,8 @@ def lowc_ops_for(scheme: ModuleScheme) -> list[str]:
     """The lowc ops (TensorRT plugins) a module's export uses."""
     if scheme.vnm is not None:
         return [VNM_GEMM.name if scheme.bits is None else VNM_QGEMM.name]
+    if scheme.bits in (2, 3):
+        return [BTC_GEMM.name]
     return [INT6_GEMM.name] if scheme.bits == 6 else []
 
 
@@ -117,6 +119,10 @@ def packed_linear(b: Builder, x: str, scheme: ModuleScheme, tensors: dict[str, t
     elif scheme.bits == 6:
         y = lowc_node(b, INT6_GEMM, [x, b.initializer(f"{name}.qweight", tensors["qweight"]),
                                      b.initializer(f"{name}.scales", tensors["scales"])], name, group=scheme.group)
+    elif scheme.bits in (2, 3):
+        y = lowc_node(b, BTC_GEMM, [x, b.initializer(f"{name}.qweight", tensors["qweight"]),
+                                    b.initializer(f"{name}.scales", tensors["scales"])], name,
+                      bits=scheme.bits, group=scheme.group)
     elif scheme.bits in (4, 8):
         y = _dequantize_linear(b, x, scheme, tensors)
     else:

@@ -8,8 +8,9 @@ ops (opset 21), so onnxruntime — or TensorRT without the plugin — runs the s
 | op | inputs | attributes | computes |
 | --- | --- | --- | --- |
 | Int6Gemm | X [..., K], qweight uint8 [R, ceil(K/4)*3], scales fp16 [R, ceil(K/G)] | group | X Wᵀ, W the INT6 weight |
+| BTCGemm | X [..., K], qweight uint8 [R, P] (INT2: 4 codes a byte, INT3: 8 codes in 3 bytes), scales fp16 | bits, group | X Wᵀ, W the INT2/INT3 weight (lowc's BTC GEMM) |
 | VNMGemm | X, values [R, C], columns uint8 [Rp/V, Kb, 4], positions uint8 [R, ceil(C/4)] | v, m | X Wᵀ, W the V:N:M weight |
-| VNMQGemm | X, qweight [R, P], scales fp16, columns, positions | bits, group, v, m | same, values INT4/6/8 |
+| VNMQGemm | X, qweight [R, P], scales fp16, columns, positions | bits, group, v, m | same, values INT2/3/4/6/8 |
 | SageAttention | Q [B, Hq, Sq, D], K, V [B, Hkv, Sk, D], bias (additive, broadcast to [B, Hq, Sq, Sk]) | causal, scale | softmax(QKᵀ·scale + bias (+ causal mask)) V |
 
 Tensor layouts are docs/FORMAT.md's, unchanged. The causal mask is bottom-right aligned (query i sees keys up to
@@ -48,14 +49,17 @@ class LowcOp:
 
 INT6_GEMM = LowcOp("Int6Gemm", ("X", "qweight", "scales"), (("group", int),),
                    "Y = X Wᵀ with W the per-group INT6 weight (4 codes in 3 bytes, docs/FORMAT.md)")
+BTC_GEMM = LowcOp("BTCGemm", ("X", "qweight", "scales"), (("bits", int), ("group", int)),
+                  "Y = X Wᵀ with W a per-group INT2/INT3 weight (little-endian bit fields, docs/FORMAT.md); the "
+                  "plugin's kernel is lowc's binary-tensor-core GEMM")
 VNM_GEMM = LowcOp("VNMGemm", ("X", "values", "columns", "positions"), (("v", int), ("m", int)),
                   "Y = X Wᵀ with W the V:N:M sparse weight given by its kept values")
 VNM_QGEMM = LowcOp("VNMQGemm", ("X", "qweight", "scales", "columns", "positions"),
                    (("bits", int), ("group", int), ("v", int), ("m", int)),
-                   "Y = X Wᵀ with W the V:N:M sparse weight whose kept values are INT4/INT6/INT8 codes")
+                   "Y = X Wᵀ with W the V:N:M sparse weight whose kept values are INT2..INT8 codes")
 SAGE_ATTENTION = LowcOp("SageAttention", ("Q", "K", "V", "bias"), (("causal", int), ("scale", float)),
                         "softmax(Q Kᵀ·scale + bias, causal bottom-right mask if causal) V; GQA by head groups")
-OPS: dict[str, LowcOp] = {op.name: op for op in (INT6_GEMM, VNM_GEMM, VNM_QGEMM, SAGE_ATTENTION)}
+OPS: dict[str, LowcOp] = {op.name: op for op in (INT6_GEMM, BTC_GEMM, VNM_GEMM, VNM_QGEMM, SAGE_ATTENTION)}
 
 
 def lowc_node(b: Builder, op: LowcOp, inputs: list[str], hint: str, **attrs) -> str:
@@ -150,9 +154,11 @@ def _matmul_t(b: Builder, x: str, weight: str) -> str:
     return b.op("MatMul", [x, w], "Y", out_names=["Y"])
 
 
-def _int6_gemm_body(b: Builder) -> None:
+def _int_gemm_body(b: Builder, bits: int | None = None) -> None:
+    """X Wᵀ for a dense integer weight of `bits` (None: the op's `bits` attribute)."""
     k_1d = b.op("Shape", ["X"], "k", start=-1)
-    w = _dequantize(b, "qweight", "scales", _scalar(b, k_1d), k_1d, b.const(6), b.const_from_attr("group"))
+    width = b.const(bits) if bits is not None else b.const_from_attr("bits")
+    w = _dequantize(b, "qweight", "scales", _scalar(b, k_1d), k_1d, width, b.const_from_attr("group"))
     _matmul_t(b, "X", w)
 
 
@@ -205,7 +211,7 @@ def _sage_attention_body(b: Builder) -> None:
     b.op("MatMul", [probs, v], "Y", out_names=["Y"])
 
 
-_BODIES = {"Int6Gemm": _int6_gemm_body, "VNMGemm": _vnm_gemm_body, "VNMQGemm": _vnm_qgemm_body,
+_BODIES = {"Int6Gemm": lambda b: _int_gemm_body(b, 6), "BTCGemm": _int_gemm_body, "VNMGemm": _vnm_gemm_body, "VNMQGemm": _vnm_qgemm_body,
            "SageAttention": _sage_attention_body}
 
 

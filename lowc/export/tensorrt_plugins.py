@@ -3,7 +3,8 @@
 TensorRT's ONNX parser imports a node as a plugin when the node carries a `plugin_namespace` attribute and a plugin
 `{plugin_namespace}::{op_type}` of version `plugin_version` is registered; otherwise it inlines the node's ONNX
 local function. lowc's nodes carry `plugin_namespace="lowc"`, `plugin_version="1"` (onnx_ops.py), and this module
-registers `lowc::Int6Gemm`, `lowc::VNMGemm`, `lowc::VNMQGemm` and `lowc::SageAttention` under the same names.
+registers `lowc::Int6Gemm`, `lowc::BTCGemm`, `lowc::VNMGemm`, `lowc::VNMQGemm` and `lowc::SageAttention` under the
+same names.
 
 What is here and testable without TensorRT: the plugin records (name, namespace, version, inputs, attributes), the
 shape functions as plain Python over any dimension type (ints here, `tensorrt.plugin.ShapeExpr` in TensorRT), and
@@ -11,7 +12,8 @@ shape functions as plain Python over any dimension type (ints here, `tensorrt.pl
 imports `tensorrt.plugin` and registers descriptors and JIT implementations (`trtp.register` + `trtp.impl`). The
 JIT implementation runs lowc's torch reference kernels on TensorRT's stream (and lowc's Triton SageAttention kernel
 for fp16/bf16 attention on CUDA): correct, not fast. AOT (`trtp.aot_impl`, Triton compiled to PTX) implementations
-and CUDA C++ V:N:M / BTC kernels are not built yet.
+are not built yet, nor plugins running lowc's CUDA C++ kernels (the V:N:M SpMM and the BTC GEMM exist in
+lowc/kernels/ but the plugins do not call them).
 """
 
 # No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions' annotations as real
@@ -53,6 +55,7 @@ def attention_output_shape(q: Sequence, k: Sequence, v: Sequence) -> list:
 
 
 SHAPE_FUNCTIONS = {"Int6Gemm": lambda x, qweight, scales: gemm_output_shape(x, qweight),
+                   "BTCGemm": lambda x, qweight, scales: gemm_output_shape(x, qweight),
                    "VNMGemm": lambda x, values, columns, positions: gemm_output_shape(x, values),
                    "VNMQGemm": lambda x, qweight, scales, columns, positions: gemm_output_shape(x, qweight),
                    "SageAttention": lambda q, k, v, bias: attention_output_shape(q, k, v)}
@@ -63,6 +66,8 @@ def _scheme(op: str, x: torch.Tensor, rows: int, attrs: dict) -> ModuleScheme:
     shape = (rows, x.shape[-1])
     if op == "Int6Gemm":
         return ModuleScheme(op, shape, None, 6, attrs["group"])
+    if op == "BTCGemm":
+        return ModuleScheme(op, shape, None, attrs["bits"], attrs["group"])
     vnm = VNMSpec(attrs["v"], 2, attrs["m"])
     if op == "VNMGemm":
         return ModuleScheme(op, shape, vnm, None)
@@ -87,7 +92,7 @@ def plugin_compute(op: str, inputs: Sequence[torch.Tensor], attrs: dict) -> torc
             scores = scores.masked_fill(~visible, float("-inf"))
         return torch.matmul(torch.softmax(scores + scores_bias, -1), vr).to(q.dtype)
     x = inputs[0]
-    if op == "Int6Gemm":
+    if op in ("Int6Gemm", "BTCGemm"):
         tensors = {"qweight": inputs[1], "scales": inputs[2]}
     elif op == "VNMGemm":
         tensors = {"values": inputs[1], "columns": inputs[2], "positions": inputs[3]}
@@ -141,6 +146,18 @@ def _define_plugins() -> None:
     def _int6_impl(X: trtp.Tensor, qweight: trtp.Tensor, scales: trtp.Tensor, group: int,
                    outputs: tuple[trtp.Tensor], stream: int) -> None:
         run(OPS["Int6Gemm"], (X, qweight, scales), {"group": group}, outputs, stream)
+
+    op = OPS["BTCGemm"]
+
+    @trtp.register(op.plugin_id)
+    def _btc_desc(X: trtp.TensorDesc, qweight: trtp.TensorDesc, scales: trtp.TensorDesc, bits: int,
+                  group: int) -> trtp.TensorDesc:
+        return desc(OPS["BTCGemm"], X, qweight, scales)
+
+    @trtp.impl(op.plugin_id)
+    def _btc_impl(X: trtp.Tensor, qweight: trtp.Tensor, scales: trtp.Tensor, bits: int, group: int,
+                  outputs: tuple[trtp.Tensor], stream: int) -> None:
+        run(OPS["BTCGemm"], (X, qweight, scales), {"bits": bits, "group": group}, outputs, stream)
 
     op = OPS["VNMGemm"]
 
