@@ -123,6 +123,15 @@ def test_wa16_gemv_matches_reference(bits, m, n, k, group, block_k, split):
     assert y.shape == (m, n) and _rel_err(y, ref) < 1e-3, seed
 
 
+@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("act_bits", [8, 6])
+@pytest.mark.parametrize("m,n,k,group,block_k,split", [(1, 40, 200, 64, 128, 1), (1, 33, 300, 300, 64, 2),
+                                                       (2, 24, 520, 128, 256, 1), (1, 48, 256, 32, 64, 3)])
+def test_wa8_gemv_matches_emulation(bits, act_bits, m, n, k, group, block_k, split):
+    """The A8/A6 GEMM through the one-token kernel: int8 codes as fp32, exact group sums, token scale last."""
+    _check_wa8(bits, act_bits, m, n, k, group, GemmConfig(1, 16, block_k, split, gemv=True))
+
+
 @pytest.mark.parametrize("bits", [4, 6])
 def test_concat_rows_views_share_the_fused_weight(bits):
     """Projections fused at load time: the fused GEMM equals the parts side by side, and each part computed
@@ -193,13 +202,17 @@ def test_quantize_rows_two_pass_long_rows():
 @pytest.mark.parametrize("act_bits", [8, 6])
 @pytest.mark.parametrize("m,n,k,group,split", SHAPES)
 def test_wa8_matches_emulation(bits, act_bits, m, n, k, group, split):
+    _check_wa8(bits, act_bits, m, n, k, group, GemmConfig(16, 32, 64, split))
+
+
+def _check_wa8(bits, act_bits, m, n, k, group, config):
     g, seed = _generator()
     dtype = torch.bfloat16 if (m + bits) % 2 else torch.float16
     qweight, scales = _random_weight(n, k, bits, group, g)
     x = torch.randn(m, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)
     w = to_lowbit_layout(qweight, scales, bits, group, k).to(DEVICE)
-    y = wa8_gemm.wa8_gemm(x.to(DEVICE), w, bias.to(DEVICE), act_bits, config=GemmConfig(16, 32, 64, split))
+    y = wa8_gemm.wa8_gemm(x.to(DEVICE), w, bias.to(DEVICE), act_bits, config=config)
     assert y.shape == (m, n) and y.dtype == dtype
     emulated = wa8_gemm.wa8_reference(x, qweight, scales, bits, group, k, act_bits, bias)
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10

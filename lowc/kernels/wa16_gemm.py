@@ -252,11 +252,16 @@ def f32_codes(b, h, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.const
 
 
 @triton.jit
-def _wa16_gemv_kernel(x_ptr, codes_ptr, high_ptr, scales_ptr, bias_ptr, out_ptr,
+def _wa16_gemv_kernel(x_ptr, xs_ptr, codes_ptr, high_ptr, scales_ptr, bias_ptr, out_ptr,
                       N, K, K_PAD, stride_xm, stride_om, stride_c, stride_h, stride_s,
                       BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_GROUPS: tl.constexpr):
-    """out[tok, rows] (+)= W[rows, K range of this split] @ x[tok]; grid (N tiles, SPLIT_K, tokens).
+                      HAS_XSCALE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, TILE_GROUPS: tl.constexpr):
+    """out[tok, rows] (+)= W[rows, K range of this split] @ x[tok] (* xs[tok]); grid (N tiles, SPLIT_K, tokens).
+
+    x is 16-bit activations, or with HAS_XSCALE int8 activation codes and their per-token scales (the A8/A6 GEMM
+    at one token): code products and their sums over a 128-column group are exact in fp32 (< 2^24), as in the
+    INT8 tensor-core kernel's int32 accumulators.
 
     A K tile lies in one scale group (TILE_GROUPS = 1) or covers TILE_GROUPS whole groups: wide tiles keep more
     bytes in flight than one 128-column group would. The next tile's bytes are loaded before the current one is
@@ -296,6 +301,8 @@ def _wa16_gemv_kernel(x_ptr, codes_ptr, high_ptr, scales_ptr, bias_ptr, out_ptr,
         xt, b, h, ks = x_next, b_next, h_next, ks_next
     if PER_CHANNEL:
         acc *= tl.load(scales_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    if HAS_XSCALE:
+        acc *= tl.load(xs_ptr + tok)
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -350,6 +357,43 @@ def expand_weight(w: LowbitWeight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def gemv_configs(n: int) -> list[GemmConfig]:
+    """One-token GEMV candidates for an n-row weight: the best of a sweep on H100 (benchmarks/kernels_gemm.py
+    --sweep NxK --tokens 1), each without and with enough K splits for ~264 programs. Stages stay 1: the kernel
+    double-buffers its loads itself."""
+    def split(block_n: int) -> int:
+        return min(8, triton.cdiv(264, triton.cdiv(n, block_n)))
+
+    return [GemmConfig(1, bn, bk, sk, warps, 1, gemv=True)
+            for bn, bk, warps in ((8, 512, 4), (16, 512, 4), (8, 512, 2), (4, 1024, 2), (8, 1024, 4),
+                                  (16, 1024, 4), (32, 512, 4))
+            for sk in sorted({1, split(bn)})]
+
+
+def output_buffer(m: int, n: int, device: torch.device, split_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """A GEMM's output: zeroed fp32 when split-K programs add their partial sums into it, else `dtype`."""
+    if split_k > 1:
+        return torch.zeros(m, n, device=device, dtype=torch.float32)
+    return torch.empty(m, n, device=device, dtype=dtype)
+
+
+def launch_gemv(x2: torch.Tensor, w: LowbitWeight, bias: torch.Tensor | None, cfg: GemmConfig,
+                out_dtype: torch.dtype, x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The GEMV kernel on 16-bit activations, or on int8 activation codes with their fp32 per-token `x_scale`."""
+    m = x2.shape[0]
+    out = output_buffer(m, w.n, x2.device, cfg.split_k, out_dtype)
+    high = w.high if w.high is not None else w.codes
+    _wa16_gemv_kernel[(triton.cdiv(w.n, cfg.block_n), cfg.split_k, m)](
+        x2, x_scale if x_scale is not None else w.scales, w.codes, high, w.scales,
+        bias if bias is not None else w.scales, out,
+        w.n, w.k, w.k_pad, x2.stride(0), out.stride(0), w.codes.stride(0), high.stride(0), w.scales.stride(0),
+        BITS=w.bits, GROUP=w.group, PER_CHANNEL=w.per_channel, HAS_BIAS=bias is not None,
+        HAS_XSCALE=x_scale is not None, SPLIT_K=cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        TILE_GROUPS=1 if w.per_channel else max(1, cfg.block_k // w.group),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out if cfg.split_k == 1 else out.to(out_dtype)
+
+
 def wa16_configs(m: int, n: int, k: int) -> list[GemmConfig]:
     """Candidate configs for M tokens and an [n, k] weight; the first is the default."""
     if interpreting():
@@ -359,13 +403,7 @@ def wa16_configs(m: int, n: int, k: int) -> list[GemmConfig]:
         return min(8, triton.cdiv(programs, triton.cdiv(n, block_n)))
 
     if m == 1:
-        # the best of a sweep on H100 (benchmarks/kernels_gemm.py --sweep NxK --tokens 1); stages stay 1: the
-        # kernel double-buffers its loads itself
-        gemv = [GemmConfig(1, bn, bk, sk, warps, 1, gemv=True)
-                for bn, bk, warps in ((8, 512, 4), (16, 512, 4), (8, 512, 2), (4, 1024, 2), (8, 1024, 4),
-                                      (16, 1024, 4), (32, 512, 4))
-                for sk in sorted({1, split(bn, 264)})]
-        return gemv + [GemmConfig(16, 64, 128, split(64), 4, 3), GemmConfig(16, 16, 256, split(16), 4, 3)]
+        return gemv_configs(n) + [GemmConfig(16, 64, 128, split(64), 4, 3), GemmConfig(16, 16, 256, split(16), 4, 3)]
     if m <= 16:
         return [GemmConfig(16, 64, 128, split(64), 4, 3), GemmConfig(16, 32, 128, split(32), 4, 3),
                 GemmConfig(16, 16, 256, split(16), 4, 3), GemmConfig(16, 64, 256, split(64), 4, 3),
@@ -380,22 +418,12 @@ def wa16_configs(m: int, n: int, k: int) -> list[GemmConfig]:
 def _launch_wa16(x2: torch.Tensor, w: LowbitWeight, bias: torch.Tensor | None, cfg: GemmConfig) -> torch.Tensor:
     if cfg.dequant:
         return torch.nn.functional.linear(x2, expand_weight(w, x2.dtype), bias)
+    if cfg.gemv:
+        return launch_gemv(x2, w, bias, cfg, x2.dtype)
     m = x2.shape[0]
-    if cfg.split_k > 1:
-        out = torch.zeros(m, w.n, device=x2.device, dtype=torch.float32)
-    else:
-        out = torch.empty(m, w.n, device=x2.device, dtype=x2.dtype)
+    out = output_buffer(m, w.n, x2.device, cfg.split_k, x2.dtype)
     high = w.high if w.high is not None else w.codes
     bias_arg = bias if bias is not None else w.scales
-    if cfg.gemv:
-        _wa16_gemv_kernel[(triton.cdiv(w.n, cfg.block_n), cfg.split_k, m)](
-            x2, w.codes, high, w.scales, bias_arg, out,
-            w.n, w.k, w.k_pad, x2.stride(0), out.stride(0), w.codes.stride(0), high.stride(0), w.scales.stride(0),
-            BITS=w.bits, GROUP=w.group, PER_CHANNEL=w.per_channel, HAS_BIAS=bias is not None,
-            SPLIT_K=cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            TILE_GROUPS=1 if w.per_channel else max(1, cfg.block_k // w.group),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return out if cfg.split_k == 1 else out.to(x2.dtype)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(w.n, cfg.block_n), cfg.split_k)
     _wa16_kernel[grid](
         x2, w.codes, high, w.scales, bias_arg, out,

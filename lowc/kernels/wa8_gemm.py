@@ -9,6 +9,9 @@ Two kernels:
   converted to fp32 and multiplied by that group's scale; a per-channel weight keeps one int32 accumulator and is
   scaled once. The token's scale multiplies the result last. Tiles are computed transposed, acc[BLOCK_N, BLOCK_M]
   = W_tile @ xq_tile^T, as in `wa16_gemm`, so both int8 operands are K-major as the tensor cores require.
+  A `gemv=True` config runs one token through `wa16_gemm`'s GEMV kernel on the int8 codes instead (no tensor
+  cores; the products and their sums over a group are exact in fp32, the token's scale applied last). It is
+  tested in Triton's interpreter but not yet timed on a GPU, so the autotuner does not offer it yet.
 
 `wa8_reference` is the exact emulation in torch (integer products, int32 sums per group, scales in the same order).
 """
@@ -23,8 +26,8 @@ from .dispatch import load_table
 from .lowbit_layout import LowbitWeight
 from .packing import unpack_int
 from .reference import quantize_activations
-from .wa16_gemm import (_TUNED, GemmConfig, expand_weight, fit_block_k, interpreting, load_biased_codes, m_bucket,
-                        pick_config, tile_coords)
+from .wa16_gemm import (_TUNED, GemmConfig, expand_weight, fit_block_k, interpreting, launch_gemv, load_biased_codes,
+                        m_bucket, output_buffer, pick_config, tile_coords)
 
 ACT_BITS = (6, 8)
 
@@ -188,6 +191,8 @@ def wa8_configs(m: int, n: int, k: int) -> list[GemmConfig]:
         def split(block_n: int) -> int:  # enough programs (>= 256) that every SM streams weights
             return min(8, triton.cdiv(256, triton.cdiv(n, block_n)))
 
+        # the GEMV configs (`GemmConfig(gemv=True)`, checked in the interpreter) join these candidates once they
+        # have been timed on a GPU (docs/KERNELS.md, "Not built yet")
         return [GemmConfig(16, 64, 128, split(64), 4, 3), GemmConfig(16, 32, 128, split(32), 4, 3),
                 GemmConfig(16, 16, 256, split(16), 4, 4), GemmConfig(16, 64, 256, split(64), 4, 4)]
     if m <= 128:
@@ -199,13 +204,12 @@ def wa8_configs(m: int, n: int, k: int) -> list[GemmConfig]:
 
 def _launch_wa8(xq: torch.Tensor, xs: torch.Tensor, w: LowbitWeight, bias: torch.Tensor | None,
                 out_dtype: torch.dtype, cfg: GemmConfig) -> torch.Tensor:
+    if cfg.gemv:  # one token: the GEMV kernel on the int8 codes, exact per group like the int32 MMA sums
+        return launch_gemv(xq, w, bias, cfg, out_dtype, x_scale=xs)
     if cfg.dequant and w.bits != 8:
         w = LowbitWeight(8, w.group, w.n, w.k, w.k_pad, expand_weight(w, torch.int8), None, w.scales)
     m = xq.shape[0]
-    if cfg.split_k > 1:
-        out = torch.zeros(m, w.n, device=xq.device, dtype=torch.float32)
-    else:
-        out = torch.empty(m, w.n, device=xq.device, dtype=out_dtype)
+    out = output_buffer(m, w.n, xq.device, cfg.split_k, out_dtype)
     high = w.high if w.high is not None else w.codes
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(w.n, cfg.block_n), cfg.split_k)
     _wa8_kernel[grid](
