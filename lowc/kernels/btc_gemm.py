@@ -6,8 +6,9 @@ Triton kernel; the CUDA C++ kernel (cuda/btc_gemm.cu, compiled with NVRTC throug
 ~/.cache/lowc/btc_gemm) runs one binary MMA per plane pair. The result equals `wa8_gemm.wa8_reference` up to the
 order of fp32 additions across warps. Weights of 2, 3, 4, 6 or 8 bits; activations of 6 or 8 bits.
 
-Where it pays: B_w * B_a binary MMAs replace one INT8 MMA, at 8x the INT8 rate on Hopper, so W6A8 (48 products)
-is expected to lose to the unpack-to-INT8 GEMM while W2A8 / W3A6 come closer; see benchmarks/kernels_gemm.py.
+Where it pays: B_w * B_a binary MMAs replace one INT8 MMA, at 8x the INT8 rate on Hopper, so in prefill it loses
+to the unpack-to-INT8 GEMM (H100: 0.08-0.26x at 4096 tokens), while at one token, where only bytes and unpacking
+count, it is 1.3-2.6x faster than that GEMM (benchmarks/kernels_btc.py, results/kernels_btc_h100.json).
 On CPU `btc_gemm` raises; `btc_layout.btc_emulate` computes the same arithmetic in torch.
 """
 
@@ -19,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .btc_layout import BTCWeight
 from . import cuda_build
+from .btc_layout import BTCWeight
 from .cuda_build import CUDA_DIR, backend, check_operands
 from .wa8_gemm import quantize_rows
 
