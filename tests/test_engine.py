@@ -172,6 +172,8 @@ def test_bad_requests(model):
             engine.submit([5], SamplingParams(**bad))
     with pytest.raises(UsageError, match="max_seq_len"):
         Engine(model, max_seq_len=1000)
+    with pytest.raises(UsageError, match="INT8 cache"):  # never a silent float -> int8 truncation
+        Engine(model, cache_dtype=torch.int8)
 
 
 def test_background_thread_async_and_shutdown(model):

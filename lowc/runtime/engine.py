@@ -305,6 +305,9 @@ class Engine:
         emb = model.model.embed_tokens.weight
         self.device, self.dtype = emb.device, emb.dtype
         self.cache_dtype = cache_dtype or self.dtype
+        if self.cache_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise UsageError(f"cache_dtype: the KV cache holds float32, float16 or bfloat16 values, got "
+                             f"{self.cache_dtype} (an INT8 cache with scales is not built into the engine yet)")
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         shape = (self.max_batch, self.n_kv, self.max_seq_len, self.head_dim)
         self.k = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(c.num_hidden_layers)]
