@@ -67,3 +67,16 @@ def test_bench_kernels_needs_cuda():
 
     result = CliRunner().invoke(cli, ["bench", "kernels", "--shapes", "64x64"])
     assert result.exit_code != 0 and "CUDA is not available" in result.output + str(result.exception)
+
+
+@pytest.mark.parametrize("args,message", [(["--kernels", "btc"], "--kernels takes wa16 and/or wa8"),
+                                          (["--shapes", "llama-3"], "--shapes: unknown 'llama-3'"),
+                                          (["--bits", "5"], "--bits takes 4, 6, 8")])
+def test_bench_kernels_rejects_bad_options(args, message):
+    """Checked before any GPU work, on any machine."""
+    from click.testing import CliRunner
+
+    from lowc.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench", "kernels", *args])
+    assert result.exit_code != 0 and message in result.output + str(result.exception)

@@ -141,18 +141,20 @@ def serve(artifact: Path, host: str, port: int, device: str | None, dtype: str, 
               help="bench kernels: model names (llama-2-7b, llama-2-70b) or NxK weight shapes, comma-separated.")
 @click.option("--tokens", default="1,16,128,4096", show_default=True, help="bench kernels: token counts.")
 @click.option("--bits", default="4,6,8", show_default=True, help="bench kernels: weight bits.")
+@click.option("--kernels", "kernel_names", default="wa16,wa8", show_default=True,
+              help="bench kernels: which GEMMs to time (wa16: A16 weights-only, wa8: A8/A6).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="bench kernels: table file (default: lowc/kernels/tables/<this GPU>.json, merged).")
 def bench(path: Path, device: str | None, dtype: str, prefill: str, batches: str, prompt_tokens: int,
           new_tokens: int, attention: str, no_cuda_graphs: bool, as_json: bool, shapes: str, tokens: str,
-          bits: str, out: Path | None) -> None:
+          bits: str, kernel_names: str, out: Path | None) -> None:
     """Prefill / decode tokens/s, time to first token and GPU memory of an artifact or HF checkpoint at PATH.
 
     `lowc bench kernels` instead measures the fastest low-bit GEMM config for every shape, token count and bit
     width on this GPU and writes the dispatch table the runtime reads (lowc/kernels/tables/<device>.json).
     """
     if str(path) == "kernels" and not path.exists():
-        _bench_kernels(shapes, _ints(tokens, "--tokens"), _ints(bits, "--bits"), out)
+        _bench_kernels(shapes, _ints(tokens, "--tokens"), _ints(bits, "--bits"), kernel_names, out)
         return
     from .bench import run_bench
 
@@ -183,11 +185,12 @@ def bench(path: Path, device: str | None, dtype: str, prefill: str, batches: str
     Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(table)
 
 
-def _bench_kernels(shapes: str, tokens: list[int], bits: list[int], out: Path | None) -> None:
+def _bench_kernels(shapes: str, tokens: list[int], bits: list[int], kernel_names: str, out: Path | None) -> None:
     from ..kernels.dispatch import LLAMA_SHAPES, save_table, tune
 
-    if not torch.cuda.is_available():
-        raise UsageError("lowc bench kernels measures GPU kernels: CUDA is not available on this machine")
+    kernels = [k.strip() for k in kernel_names.split(",") if k.strip()]
+    if not kernels or any(k not in ("wa16", "wa8") for k in kernels):
+        raise UsageError(f"--kernels takes wa16 and/or wa8, got {kernel_names!r}")
     if any(b not in (4, 6, 8) for b in bits) or any(t < 1 for t in tokens):
         raise UsageError("--bits takes 4, 6, 8; --tokens positive numbers")
     pairs: list[tuple[int, int]] = []
@@ -198,11 +201,13 @@ def _bench_kernels(shapes: str, tokens: list[int], bits: list[int], out: Path | 
             pairs.append(tuple(int(v) for v in item.split("x")))
         else:
             raise UsageError(f"--shapes: unknown '{item}' (model names: {', '.join(LLAMA_SHAPES)}, or NxK)")
+    if not torch.cuda.is_available():
+        raise UsageError("lowc bench kernels measures GPU kernels: CUDA is not available on this machine")
     from rich.progress import Progress
 
     with Progress(transient=True) as progress:
-        task = progress.add_task("timing kernel configs", total=len(pairs) * len(bits) * len(tokens) * 2)
-        entries = tune(dict.fromkeys(pairs), tokens, bits, on_key=lambda msg: progress.update(
+        task = progress.add_task("timing kernel configs", total=len(pairs) * len(bits) * len(tokens) * len(kernels))
+        entries = tune(dict.fromkeys(pairs), tokens, bits, kernels, on_key=lambda msg: progress.update(
             task, advance=1, description=msg))
     command = "lowc bench kernels " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "lowc bench kernels"
     path = save_table(entries, out, command=command.strip())
