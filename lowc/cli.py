@@ -170,36 +170,52 @@ def _print_plan(ckpt, plan) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip sha256 verification of the files (faster on huge artifacts).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Also show the kernel each module runs with when loaded on this device.")
-def inspect(artifact: Path, as_json: bool, no_verify: bool, device: str) -> None:
+@click.option("--gpu", default=None,
+              help="With --device cuda: the GPU model whose dispatch table to read, e.g. 'NVIDIA H100 80GB HBM3' "
+                   "(default: this machine's GPU).")
+def inspect(artifact: Path, as_json: bool, no_verify: bool, device: str, gpu: str | None) -> None:
     """Show an ARTIFACT's modules (shape, scheme, density, bits, bytes, kernel) and totals."""
     from .artifact import open_artifact
     from .inspect import describe
 
     art = open_artifact(artifact, verify=not no_verify)
     if as_json:
-        _print_json(describe(art, device))
+        _print_json(describe(art, device, gpu))
     else:
-        _print_inspect(art, device)
+        _print_inspect(art, device, gpu)
 
 
-def _print_inspect(art, device: str = "cpu") -> None:
+def _print_inspect(art, device: str = "cpu", gpu: str | None = None) -> None:
     from rich.table import Table
 
     from .inspect import describe
 
-    d = describe(art, device)
+    d = describe(art, device, gpu)
     table = Table(title=f"{d['path']}  ({d['architecture']}, lowc format {d['format_version']})")
-    columns = ("module", "shape", "scheme", "density", "bits", "bytes") + ((f"kernel ({device})",) if device != "cpu"
-                                                                          else ())
+    cuda = device != "cpu"
+    configs = cuda and d["dispatch_table"] is not None
+    columns = ("module", "shape", "scheme", "density", "bits", "bytes") + ((f"kernel ({device})",) if cuda else ()) \
+        + (("1 token", "4096 tokens") if configs else ())
     for col in columns:
-        table.add_column(col, justify="left" if col in ("module", "scheme") or col.startswith("kernel") else "right")
+        table.add_column(col, justify="right" if col in ("shape", "density", "bits", "bytes") else "left")
     for m in d["modules"]:
+        extra = [m["kernel"]] if cuda else []
+        if configs:
+            extra += [m["configs"]["1"], m["configs"]["4096"]] if m["configs"] else ["", ""]
         table.add_row(m["name"], "x".join(map(str, m["shape"])), m["scheme"], f"{m['density']:.2f}",
-                      str(m["bits"] or "-"), _fmt_bytes(m["bytes"]), *([m["kernel"]] if device != "cpu" else []))
+                      str(m["bits"] or "-"), _fmt_bytes(m["bytes"]), *extra)
     table.add_row(f"{d['dense_tensors']['count']} dense tensors", "", "as in checkpoint", "1.00", "-",
-                  _fmt_bytes(d["dense_tensors"]["bytes"]), *(["torch"] if device != "cpu" else []))
+                  _fmt_bytes(d["dense_tensors"]["bytes"]), *(["torch"] if cuda else []), *(["", ""] if configs else []))
     con = _out_console()
     con.print(table)
+    if cuda:
+        t = d["dispatch_table"]
+        if t is None:
+            con.print("launch configs: no GPU here; pass --gpu NAME to read that GPU model's dispatch table")
+        else:
+            source = t["file"] or "none committed for this GPU model: every config is timed on first use"
+            con.print(f"launch configs for bf16 activations on {t['gpu']} (decode of q/k/v and gate/up: their fused "
+                      f"weight): dispatch table {source}")
     t = d["totals"]
     ratio = f"{t['ratio_vs_bf16']:.3f}x" if t["ratio_vs_bf16"] else "?"
     con.print(f"on disk {_fmt_bytes(t['bytes_on_disk'])}; bf16 checkpoint {_fmt_bytes(t['bf16_bytes'])}; ratio {ratio}")

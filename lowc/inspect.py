@@ -15,15 +15,81 @@ def module_kernel(scheme, device: str) -> str:
     return (fast_kernel_name(scheme) if device == "cuda" else None) or "reference"
 
 
-def describe(art: Artifact, device: str = "cpu") -> dict:
+TOKEN_BUCKETS = (1, 16, 128, 4096)
+# projections the generation engine fuses into one GEMM for decode (runtime/engine.py, runtime/fused_linear.py)
+FUSED_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def _decode_fusions(art: Artifact, kernels: dict[str, str]) -> dict[str, list[str]]:
+    """Module -> the modules it shares a decode GEMM with, for the engine's fused q/k/v and gate/up groups."""
+    from .runtime.fused_linear import fusable_schemes
+
+    if art.kind != "decoder":
+        return {}
+    out: dict[str, list[str]] = {}
+    for name in art.schemes:
+        for group in FUSED_GROUPS:
+            if not name.endswith("." + group[0]):
+                continue
+            prefix = name[: -len(group[0])]
+            names = [prefix + part for part in group]
+            if all(n in art.schemes and kernels[n] == kernels[name] != "reference" for n in names) and \
+                    fusable_schemes([art.schemes[n] for n in names]):
+                out.update({n: names for n in names})
+    return out
+
+
+def dispatch_configs(art: Artifact, kernels: dict[str, str], gpu: str) -> dict[str, dict[str, str]]:
+    """Module -> {token bucket: the launch config the GPU model's dispatch table gives (bf16 activations), or
+    "timed on first use"}; decode buckets of fused projections look up the fused weight's shape."""
+    import torch
+
+    from .kernels.dispatch import config_label, read_table
+
+    table = read_table(gpu)
+    fusions = _decode_fusions(art, kernels)
+    out = {}
+    for name, s in art.schemes.items():
+        kernel = kernels[name]
+        if kernel == "reference":
+            continue
+        configs = {}
+        for bucket in TOKEN_BUCKETS:
+            rows = s.shape[0]
+            if bucket <= 16 and name in fusions:
+                rows = sum(art.schemes[n].shape[0] for n in fusions[name])
+            cfg = table.get((kernel, bucket, rows, s.shape[1], s.bits, s.group, torch.bfloat16))
+            configs[str(bucket)] = "timed on first use" if cfg is None else config_label(kernel, cfg)
+        out[name] = configs
+    return out
+
+
+def describe(art: Artifact, device: str = "cpu", gpu: str | None = None) -> dict:
     """A JSON-ready description of an artifact (the data behind `lowc inspect` and `--json`); `kernel` per module
-    is what the runtime computes it with on `device` ("cpu" or "cuda")."""
+    is what the runtime computes it with on `device` ("cpu" or "cuda"). On "cuda", `configs` per module gives the
+    launch config per token count from the dispatch table of the GPU model `gpu` (default: this machine's GPU)."""
+    kernels = {name: module_kernel(s, device) for name, s in art.schemes.items()}
+    configs: dict[str, dict[str, str]] = {}
+    table = None
+    if device == "cuda":
+        if gpu is None:
+            import torch
+
+            gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        if gpu is not None:
+            from .kernels.dispatch import table_path
+
+            configs = dispatch_configs(art, kernels, gpu)
+            path = table_path(gpu)
+            table = {"gpu": gpu, "file": str(path) if path.is_file() else None}
+    fused = _decode_fusions(art, kernels) if device == "cuda" else {}
     modules = []
     for name, s in art.schemes.items():
         modules.append({
             "name": name, "shape": list(s.shape), "scheme": s.label(), "vnm": None if s.vnm is None else str(s.vnm),
             "density": s.density, "bits": s.bits, "group": s.group if s.bits else None, "bytes": s.nbytes(),
-            "bf16_bytes": 2 * math.prod(s.shape), "kernel": module_kernel(s, device),
+            "bf16_bytes": 2 * math.prod(s.shape), "kernel": kernels[name],
+            **({"decode_fused_with": fused.get(name), "configs": configs.get(name)} if device == "cuda" else {}),
         })
     dense = art.dense_tensor_names()
     dense_bytes = 0
@@ -39,6 +105,7 @@ def describe(art: Artifact, device: str = "cpu") -> dict:
         "architecture": art.architecture.name,
         "kind": art.kind,
         "device": device,
+        "dispatch_table": table,
         "recipe": art.recipe,
         "modules": modules,
         "dense_tensors": {"count": len(dense), "bytes": dense_bytes},

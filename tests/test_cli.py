@@ -243,3 +243,36 @@ def test_inspect_shows_the_kernel_per_device(tiny_llama, tmp_path, capsys):
     assert code == 0, err
     code, stdout, _ = run_cli(["inspect", sparse, "--json", "--device", "cuda"], capsys)
     assert {m["kernel"] for m in json.loads(stdout)["modules"]} == {"reference"}  # V:N:M: not dispatched yet
+
+
+def test_inspect_shows_dispatch_table_configs(tiny_llama, tmp_path, capsys, monkeypatch):
+    """--device cuda --gpu NAME: per module and token count the config of that GPU model's table; decode of q/k/v
+    and gate/up looks up their fused weight; shapes the table lacks are "timed on first use"."""
+    from lowc.kernels import dispatch
+    from lowc.kernels.wa16_gemm import GemmConfig
+
+    out = tmp_path / "w4"
+    code, _, err = run_cli(["compress", tiny_llama, "--wbits", "4", "--group", "32", "-o", out, "-q"], capsys)
+    assert code == 0, err
+    hidden, inter = 64, 96  # conftest.TINY_LLAMA
+    gemv, mma = GemmConfig(1, 8, 64, 2, gemv=True), GemmConfig(128, 64, 32, 1, 8, 3)
+    keys = [("wa16", 1, hidden + 2 * 32, hidden, 4, 32, torch.bfloat16),  # fused q/k/v: 64 + 2 KV heads x 16
+            ("wa16", 4096, hidden, hidden, 4, 32, torch.bfloat16)]  # q_proj alone (and o_proj) in prefill
+    doc = {"device": "Test GPU 9000", "command": "lowc bench kernels",
+           "entries": [dispatch._entry(keys[0], gemv), dispatch._entry(keys[1], mma)]}
+    monkeypatch.setattr(dispatch, "TABLE_DIR", tmp_path)
+    (tmp_path / "test-gpu-9000.json").write_text(json.dumps(doc))
+    code, stdout, _ = run_cli(["inspect", out, "--json", "--device", "cuda", "--gpu", "Test GPU 9000"], capsys)
+    d = json.loads(stdout)
+    assert code == 0 and d["dispatch_table"]["file"].endswith("test-gpu-9000.json")
+    mods = {m["name"]: m for m in d["modules"]}
+    q, k, up = (mods[f"model.layers.0.{n}"] for n in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj"))
+    assert q["decode_fused_with"] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    assert q["configs"]["1"] == k["configs"]["1"] == "gemv 8x64 split 2"
+    assert q["configs"]["4096"] == "mma 128x64x32" and k["configs"]["4096"] == "timed on first use"
+    assert up["decode_fused_with"][0].endswith("gate_proj") and up["configs"]["16"] == "timed on first use"
+    assert mods["model.layers.0.mlp.down_proj"]["decode_fused_with"] is None
+    code, stdout, _ = run_cli(["inspect", out, "--device", "cuda", "--gpu", "Test GPU 9000"], capsys)
+    assert code == 0 and "gemv 8x64 split 2" in stdout and "dispatch table" in stdout
+    code, stdout, _ = run_cli(["inspect", out, "--device", "cuda", "--gpu", "Other GPU"], capsys)
+    assert code == 0 and "none committed for this GPU model" in stdout

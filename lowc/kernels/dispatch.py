@@ -50,6 +50,26 @@ def _key(e: dict) -> tuple:
     return (e["kernel"], e["m_bucket"], e["n"], e["k"], e["bits"], e["group"], getattr(torch, e["dtype"]))
 
 
+def read_table(device_name: str) -> dict[tuple, GemmConfig]:
+    """The committed table of a GPU model as {key: config} ({} when there is none); does not touch the cache."""
+    path = table_path(device_name)
+    if not path.is_file():
+        return {}
+    return {_key(e): GemmConfig(**e["config"]) for e in json.loads(path.read_text())["entries"]}
+
+
+def config_label(kernel: str, cfg: GemmConfig) -> str:
+    """A config in a few words, e.g. "gemv 8x512 split 4", "mma 16x64x128" (tensor cores: tokens x rows x K),
+    "bf16 weight + cuBLAS" (wa16 prefill expands the weight and calls cuBLAS)."""
+    if cfg.dequant and kernel == "wa16":
+        return "bf16 weight + cuBLAS"
+    split = f" split {cfg.split_k}" if cfg.split_k > 1 else ""
+    if cfg.gemv:
+        return f"gemv {cfg.block_n}x{cfg.block_k}{split}"
+    expand = "int8 weight + " if cfg.dequant else ""
+    return f"{expand}mma {cfg.block_m}x{cfg.block_n}x{cfg.block_k}{split}"
+
+
 def load_table(device: torch.device | int | None = None) -> int:
     """Put the committed table of this GPU model into the tuned-config cache (once per device per process);
     returns the number of entries read (0 without a table, or when LOWC_DISPATCH_TABLE=0)."""

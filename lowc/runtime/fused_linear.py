@@ -46,16 +46,23 @@ def _cat_bias(mods: list[nn.Module]) -> torch.Tensor | None:
     return fused
 
 
+def fusable_schemes(schemes: list) -> bool:
+    """Whether packed modules of these schemes can share one GEMM as far as their schemes tell: the same bits,
+    group, activation quantization and input features, all or none with a bias (smoothing factors must also be
+    equal, which only the loaded tensors show)."""
+    s0 = schemes[0]
+    same = all((s.bits, s.group, s.abits, s.smooth, s.shape[1]) == (s0.bits, s0.group, s0.abits, s0.smooth,
+                                                                     s0.shape[1]) for s in schemes)
+    return same and len({bool(s.bias) for s in schemes}) == 1
+
+
 def _fusable_packed(mods: list[nn.Module]) -> bool:
     first = mods[0]
     if not all(isinstance(m, PackedLinear) and m.lowbit is not None and m.kernel == first.kernel for m in mods):
         return False
-    s0 = first.scheme
-    same = all((m.scheme.bits, m.scheme.group, m.scheme.abits, m.scheme.smooth, m.in_features)
-               == (s0.bits, s0.group, s0.abits, s0.smooth, first.in_features) for m in mods)
-    if not same or (s0.bias and not all(m.scheme.bias for m in mods)):
+    if not fusable_schemes([m.scheme for m in mods]):
         return False
-    return not s0.smooth or all(torch.equal(m.smooth, first.smooth) for m in mods[1:])
+    return not first.scheme.smooth or all(torch.equal(m.smooth, first.smooth) for m in mods[1:])
 
 
 # first part -> (ids of all parts, their fused module): engines built one after another on the same model share
