@@ -39,15 +39,15 @@ def _decode_fusions(art: Artifact, kernels: dict[str, str]) -> dict[str, list[st
     return out
 
 
-def dispatch_configs(art: Artifact, kernels: dict[str, str], gpu: str) -> dict[str, dict[str, str]]:
+def dispatch_configs(art: Artifact, kernels: dict[str, str], fusions: dict[str, list[str]],
+                     gpu: str) -> dict[str, dict[str, str]]:
     """Module -> {token bucket: the launch config the GPU model's dispatch table gives (bf16 activations), or
-    "timed on first use"}; decode buckets of fused projections look up the fused weight's shape."""
+    "timed on first use"}; decode buckets of fused projections (`fusions`) look up the fused weight's shape."""
     import torch
 
     from .kernels.dispatch import config_label, read_table
 
     table = read_table(gpu)
-    fusions = _decode_fusions(art, kernels)
     out = {}
     for name, s in art.schemes.items():
         kernel = kernels[name]
@@ -69,6 +69,7 @@ def describe(art: Artifact, device: str = "cpu", gpu: str | None = None) -> dict
     is what the runtime computes it with on `device` ("cpu" or "cuda"). On "cuda", `configs` per module gives the
     launch config per token count from the dispatch table of the GPU model `gpu` (default: this machine's GPU)."""
     kernels = {name: module_kernel(s, device) for name, s in art.schemes.items()}
+    fused = _decode_fusions(art, kernels) if device == "cuda" else {}
     configs: dict[str, dict[str, str]] = {}
     table = None
     if device == "cuda":
@@ -79,10 +80,9 @@ def describe(art: Artifact, device: str = "cpu", gpu: str | None = None) -> dict
         if gpu is not None:
             from .kernels.dispatch import table_path
 
-            configs = dispatch_configs(art, kernels, gpu)
+            configs = dispatch_configs(art, kernels, fused, gpu)
             path = table_path(gpu)
             table = {"gpu": gpu, "file": str(path) if path.is_file() else None}
-    fused = _decode_fusions(art, kernels) if device == "cuda" else {}
     modules = []
     for name, s in art.schemes.items():
         modules.append({

@@ -211,8 +211,8 @@ def _sage_attention_body(b: Builder) -> None:
     b.op("MatMul", [probs, v], "Y", out_names=["Y"])
 
 
-_BODIES = {"Int6Gemm": lambda b: _int_gemm_body(b, 6), "BTCGemm": _int_gemm_body, "VNMGemm": _vnm_gemm_body, "VNMQGemm": _vnm_qgemm_body,
-           "SageAttention": _sage_attention_body}
+_BODIES = {"Int6Gemm": lambda b: _int_gemm_body(b, 6), "BTCGemm": _int_gemm_body, "VNMGemm": _vnm_gemm_body,
+           "VNMQGemm": _vnm_qgemm_body, "SageAttention": _sage_attention_body}
 
 
 def function_proto(op: LowcOp, opset: int = OPSET) -> onnx.FunctionProto:

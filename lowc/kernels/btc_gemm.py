@@ -112,8 +112,8 @@ def btc_gemm(x: torch.Tensor, w: BTCWeight, bias: torch.Tensor | None = None, ac
     cfg = config or pick_config(tokens)
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
-    src = defines(x.dtype == torch.float16, w.bits, act_bits, cfg, group_steps(w)) + kernel_source()
-    kernel = backend().kernel(KERNEL_NAME, [src], "btc_gemm")
+    variant = (x.dtype == torch.float16, w.bits, act_bits, cfg, group_steps(w))
+    kernel = backend().kernel(KERNEL_NAME, variant, lambda: [defines(*variant) + kernel_source()], "btc_gemm")
     grid = (-(-w.n_pad // (16 * cfg.wn)), -(-tokens // (8 * cfg.nt)), 1)
     args = (w.planes.data_ptr(), xp.data_ptr(), w.scales.data_ptr(), xs.data_ptr(),
             bias.data_ptr() if bias is not None else 0, out.data_ptr(),

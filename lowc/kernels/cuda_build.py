@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -63,14 +64,15 @@ class Backend(abc.ABC):
     def __init__(self):
         self._kernels: dict[tuple, object] = {}
 
-    def kernel(self, name: str, sources: list[str], cache: str):
-        """The kernel `name` of the first of `sources` that compiles (callers list fallbacks after the preferred
-        spelling), compiled once per device and source; raises RuntimeError with every compiler error."""
-        key = (torch.cuda.current_device(), name, tuple(hashlib.sha256(s.encode()).hexdigest() for s in sources))
+    def kernel(self, name: str, variant: tuple, sources: Callable[[], list[str]], cache: str):
+        """The kernel `name` of the variant `variant` (the caller's hashable description of its #defines): the
+        first of `sources()` that compiles (callers list fallbacks after the preferred spelling), built once per
+        device and variant, so a launch costs a dict lookup; raises RuntimeError with every compiler error."""
+        key = (torch.cuda.current_device(), name, variant)
         ker = self._kernels.get(key)
         if ker is None:
             errors = []
-            for i, src in enumerate(sources):
+            for i, src in enumerate(sources()):
                 try:
                     ker = self._compile(name, src, cache)
                     break

@@ -78,13 +78,12 @@ def load_table(device: torch.device | int | None = None) -> int:
     if index in _LOADED:
         return 0
     _LOADED.add(index)
-    path = table_path(torch.cuda.get_device_name(index))
-    if os.environ.get("LOWC_DISPATCH_TABLE", "1") == "0" or not path.is_file():
+    if os.environ.get("LOWC_DISPATCH_TABLE", "1") == "0":
         return 0
-    entries = json.loads(path.read_text())["entries"]
-    for e in entries:
-        _TUNED.setdefault(_key(e), GemmConfig(**e["config"]))
-    return len(entries)
+    table = read_table(torch.cuda.get_device_name(index))
+    for key, cfg in table.items():
+        _TUNED.setdefault(key, cfg)
+    return len(table)
 
 
 def tune(shapes: Iterable[tuple[int, int]], tokens: Iterable[int], bits: Iterable[int] = (4, 6, 8),

@@ -80,9 +80,9 @@ def _defines(half: bool, cfg: VNMConfig, ordered: bool, int8: bool = False) -> s
 def _kernel(half: bool, cfg: VNMConfig, int8: bool = False):
     """The compiled kernel of one variant; ::ordered_metadata needs PTX ISA 8.5, plain mma.sp is the fallback
     (lowc's metadata is ascending, so both read it the same)."""
-    src = kernel_source()
-    return backend().kernel(KERNEL_NAME_S8 if int8 else KERNEL_NAME,
-                            [_defines(half, cfg, ordered, int8) + src for ordered in (True, False)], "vnm_spmm")
+    return backend().kernel(KERNEL_NAME_S8 if int8 else KERNEL_NAME, (half, cfg.variant),
+                            lambda: [_defines(half, cfg, ordered, int8) + kernel_source() for ordered in (True, False)],
+                            "vnm_spmm")
 
 
 def _row_warps(v: int, limit: int = 4) -> int:

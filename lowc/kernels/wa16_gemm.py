@@ -357,17 +357,20 @@ def expand_weight(w: LowbitWeight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def k_splits(n: int, block_n: int, programs: int = 256) -> int:
+    """Split-K factor (at most 8) that gives an n-row weight about `programs` programs, so every SM streams
+    weights during decode."""
+    return min(8, triton.cdiv(programs, triton.cdiv(n, block_n)))
+
+
 def gemv_configs(n: int) -> list[GemmConfig]:
     """One-token GEMV candidates for an n-row weight: the best of a sweep on H100 (benchmarks/kernels_gemm.py
     --sweep NxK --tokens 1), each without and with enough K splits for ~264 programs. Stages stay 1: the kernel
     double-buffers its loads itself."""
-    def split(block_n: int) -> int:
-        return min(8, triton.cdiv(264, triton.cdiv(n, block_n)))
-
     return [GemmConfig(1, bn, bk, sk, warps, 1, gemv=True)
             for bn, bk, warps in ((8, 512, 4), (16, 512, 4), (8, 512, 2), (4, 1024, 2), (8, 1024, 4),
                                   (16, 1024, 4), (32, 512, 4))
-            for sk in sorted({1, split(bn)})]
+            for sk in sorted({1, k_splits(n, bn, 264)})]
 
 
 def output_buffer(m: int, n: int, device: torch.device, split_k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -399,8 +402,8 @@ def wa16_configs(m: int, n: int, k: int) -> list[GemmConfig]:
     if interpreting():
         return [GemmConfig(16, 32, 64)]
 
-    def split(block_n: int, programs: int = 256) -> int:  # enough programs that every SM streams weights
-        return min(8, triton.cdiv(programs, triton.cdiv(n, block_n)))
+    def split(block_n: int) -> int:
+        return k_splits(n, block_n)
 
     if m == 1:
         return gemv_configs(n) + [GemmConfig(16, 64, 128, split(64), 4, 3), GemmConfig(16, 16, 256, split(16), 4, 3)]
@@ -423,10 +426,9 @@ def _launch_wa16(x2: torch.Tensor, w: LowbitWeight, bias: torch.Tensor | None, c
     m = x2.shape[0]
     out = output_buffer(m, w.n, x2.device, cfg.split_k, x2.dtype)
     high = w.high if w.high is not None else w.codes
-    bias_arg = bias if bias is not None else w.scales
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(w.n, cfg.block_n), cfg.split_k)
     _wa16_kernel[grid](
-        x2, w.codes, high, w.scales, bias_arg, out,
+        x2, w.codes, high, w.scales, bias if bias is not None else w.scales, out,
         m, w.n, w.k, w.k_pad, x2.stride(0), out.stride(0), w.codes.stride(0), high.stride(0), w.scales.stride(0),
         BITS=w.bits, GROUP=w.group, PER_CHANNEL=w.per_channel, HAS_BIAS=bias is not None,
         SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8,

@@ -26,8 +26,8 @@ from .dispatch import load_table
 from .lowbit_layout import LowbitWeight
 from .packing import unpack_int
 from .reference import quantize_activations
-from .wa16_gemm import (_TUNED, GemmConfig, expand_weight, fit_block_k, interpreting, launch_gemv, load_biased_codes,
-                        m_bucket, output_buffer, pick_config, tile_coords)
+from .wa16_gemm import (_TUNED, GemmConfig, expand_weight, fit_block_k, interpreting, k_splits, launch_gemv,
+                        load_biased_codes, m_bucket, output_buffer, pick_config, tile_coords)
 
 ACT_BITS = (6, 8)
 
@@ -188,8 +188,8 @@ def wa8_configs(m: int, n: int, k: int) -> list[GemmConfig]:
     if interpreting():
         return [GemmConfig(16, 32, 64)]
     if m <= 16:
-        def split(block_n: int) -> int:  # enough programs (>= 256) that every SM streams weights
-            return min(8, triton.cdiv(256, triton.cdiv(n, block_n)))
+        def split(block_n: int) -> int:
+            return k_splits(n, block_n)
 
         # the GEMV configs (`GemmConfig(gemv=True)`, checked in the interpreter) join these candidates once they
         # have been timed on a GPU (docs/KERNELS.md, "Not built yet")
