@@ -87,14 +87,17 @@ def _io_json(model) -> dict:
 
 def export(artifact_path: str | Path, target: str = "onnx", output: str | Path | None = None,
            allow_fallback: bool = False, opset: int = MIN_OPSET, force: bool = False,
-           external_data: bool | None = None, fp16: bool = True, verify: bool = True) -> Path:
+           external_data: bool | None = None, fp16: bool = True, verify: bool = True,
+           trt_plugins: str = "aot") -> Path:
     """Export a lowc artifact to `target` ("onnx" or "trt") into the directory `output`; returns that directory.
 
     `output` defaults to the artifact's path with `-onnx` / `-trt` appended. Modules whose scheme the target cannot
     express (INT2/INT3 weights) raise ExportError naming them, unless `allow_fallback` stores them dequantized
     (float32) and records them in export_manifest.json. `opset` is 21 to 23. `external_data` (default: only past
-    1.5 GiB) puts the weights in model.onnx.data. For "trt", `fp16` enables FP16 kernels in the engine build;
-    TensorRT must be installed (`pip install tensorrt`), otherwise a LowcError says so before any work is done.
+    1.5 GiB) puts the weights in model.onnx.data. For "trt", `fp16` enables FP16 kernels in the engine build and
+    `trt_plugins` picks the GEMM plugins' implementation: "aot" (PTX kernels inside the engine, no Python needed to
+    run it) or "jit" (Python callbacks); TensorRT must be installed (`pip install tensorrt`), otherwise a LowcError
+    says so before any work is done.
     `verify=False` skips the artifact's sha256 check (faster on huge artifacts).
     """
     if target not in TARGETS:
@@ -106,6 +109,8 @@ def export(artifact_path: str | Path, target: str = "onnx", output: str | Path |
     except ImportError:
         raise LowcError("ONNX export needs the onnx package: pip install onnx onnxruntime "
                         "(or pip install 'lowc[onnx]')") from None
+    if trt_plugins not in ("aot", "jit"):
+        raise UsageError(f"--trt-plugins: expected aot or jit, got {trt_plugins!r}")
     if target == "trt":
         from .tensorrt_engine import require_tensorrt
 
@@ -131,11 +136,11 @@ def export(artifact_path: str | Path, target: str = "onnx", output: str | Path |
         for name in COPIED_FILES:
             if (art.path / name).is_file():
                 shutil.copyfile(art.path / name, tmp / name)
-        plugins = plugin_records(exported.lowc_ops)
+        plugins = plugin_records(exported.lowc_ops, trt_plugins)
         if target == "trt":
             from .tensorrt_engine import build_engine
 
-            files += build_engine(tmp / MODEL_FILE, tmp, exported.lowc_ops, fp16=fp16)
+            files += build_engine(tmp / MODEL_FILE, tmp, exported.lowc_ops, fp16=fp16, plugins=trt_plugins)
         onnx_bytes = sum((tmp / f).stat().st_size for f in files if f.startswith(MODEL_FILE))
         tensor_bytes = sum(p.stat().st_size for n, p in art.files.items() if n.endswith(".safetensors"))
         manifest = {

@@ -23,10 +23,13 @@ from . import export as export_artifact
               help="Store modules the target cannot express (INT2/INT3 weights) as dequantized float32 weights "
                    "instead of failing; they are listed in export_manifest.json.")
 @click.option("--opset", type=int, default=21, show_default=True, help="ONNX opset to write (21 to 23).")
+@click.option("--trt-plugins", type=click.Choice(("aot", "jit")), default="aot", show_default=True,
+              help="With --target trt: aot embeds the GEMM plugins' compiled kernels in the engine (no Python at run "
+                   "time); jit runs every plugin through its Python implementation. SageAttention is always jit.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is an existing lowc export.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export manifest as JSON.")
-def export(artifact: Path, target: str, output: Path | None, allow_fallback: bool, opset: int, force: bool,
-           as_json: bool) -> None:
+def export(artifact: Path, target: str, output: Path | None, allow_fallback: bool, opset: int, trt_plugins: str,
+           force: bool, as_json: bool) -> None:
     """Export a lowc artifact to ONNX (and a TensorRT engine with --target trt).
 
     \b
@@ -34,7 +37,7 @@ def export(artifact: Path, target: str, output: Path | None, allow_fallback: boo
     lowc export ./llama-lowc --target trt -o ./llama-trt
     """
     out = export_artifact(artifact, target=target, output=output, allow_fallback=allow_fallback, opset=opset,
-                          force=force)
+                          force=force, trt_plugins=trt_plugins)
     manifest = json.loads((out / MANIFEST).read_text())
     if as_json:
         click.echo(json.dumps(manifest, indent=2))

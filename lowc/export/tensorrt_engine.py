@@ -6,7 +6,7 @@ parsing, so the parser picks plugins over the ONNX functions); `plugins.json` ne
 and a process that deserializes the engine must register them the same way first.
 
 Untested here (no TensorRT on lowc's CI or GPU machines): everything that calls into `tensorrt`. Tested: the
-error without it and the optimization-profile shapes (`profile_shapes`).
+error without it, the optimization-profile shapes (`profile_shapes`) and the network flags against a stand-in module.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from pathlib import Path
 
 import onnx
 
-from ..errors import LowcError
+from ..errors import LowcError, UsageError
 from .tensorrt_plugins import plugin_records, register_plugins
 
 ENGINE_FILE = "model.engine"
 PLUGINS_FILE = "plugins.json"
-MIN_TENSORRT = (10, 7)  # tensorrt.plugin (quickly deployable plugins) with impl/autotune
+MIN_TENSORRT = (10, 9)  # tensorrt.plugin with aot_impl and the PREFER_AOT/JIT_PYTHON_PLUGINS network flags
+PLUGIN_IMPLEMENTATIONS = ("aot", "jit")
 
 
 def require_tensorrt():
@@ -62,14 +63,26 @@ def profile_shapes(model: onnx.ModelProto, max_batch: int = 8, max_sequence: int
     return out
 
 
+def network_flags(trt, plugins: str) -> int:
+    """Network creation flags: which implementation TensorRT takes for plugins that have both ("aot" or "jit")."""
+    if plugins not in PLUGIN_IMPLEMENTATIONS:
+        raise UsageError(f"--trt-plugins: expected one of {', '.join(PLUGIN_IMPLEMENTATIONS)}, got {plugins!r}")
+    flag = "PREFER_AOT_PYTHON_PLUGINS" if plugins == "aot" else "PREFER_JIT_PYTHON_PLUGINS"
+    return 1 << int(getattr(trt.NetworkDefinitionCreationFlag, flag))
+
+
 def build_engine(onnx_path: Path, out_dir: Path, lowc_ops: set[str], fp16: bool = True, max_batch: int = 8,
-                 max_sequence: int = 2048, workspace_bytes: int = 8 * 2**30) -> list[str]:
-    """Parse `onnx_path`, build a serialized engine and write model.engine + plugins.json; returns the file names."""
+                 max_sequence: int = 2048, workspace_bytes: int = 8 * 2**30, plugins: str = "aot") -> list[str]:
+    """Parse `onnx_path`, build a serialized engine and write model.engine + plugins.json; returns the file names.
+
+    `plugins="aot"` embeds the GEMM plugins' PTX kernels in the engine (`tensorrt_aot.py`); "jit" runs every plugin
+    through its Python implementation."""
     trt = require_tensorrt()
+    flags = network_flags(trt, plugins)
     register_plugins()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -89,7 +102,7 @@ def build_engine(onnx_path: Path, out_dir: Path, lowc_ops: set[str], fp16: bool 
     (out_dir / ENGINE_FILE).write_bytes(bytes(serialized))
     (out_dir / PLUGINS_FILE).write_text(json.dumps({
         "tensorrt": trt.__version__, "fp16": fp16, "max_batch": max_batch, "max_sequence": max_sequence,
-        "plugins": plugin_records(lowc_ops),
+        "plugins": plugin_records(lowc_ops, plugins),
         "load": "call lowc.export.tensorrt_plugins.register_plugins() before deserializing the engine",
     }, indent=2) + "\n")
     return [ENGINE_FILE, PLUGINS_FILE]

@@ -10,15 +10,17 @@ What is here and testable without TensorRT: the plugin records (name, namespace,
 shape functions as plain Python over any dimension type (ints here, `tensorrt.plugin.ShapeExpr` in TensorRT), and
 `plugin_compute`, the torch computation the plugins' `impl` runs. What needs TensorRT: `register_plugins()`, which
 imports `tensorrt.plugin` and registers descriptors and JIT implementations (`trtp.register` + `trtp.impl`). The
-JIT implementation runs lowc's torch reference kernels on TensorRT's stream (and lowc's Triton SageAttention kernel
-for fp16/bf16 attention on CUDA): correct, not fast. AOT (`trtp.aot_impl`, Triton compiled to PTX) implementations
-are not built yet, nor plugins running lowc's CUDA C++ kernels (the V:N:M SpMM and the BTC GEMM exist in
-lowc/kernels/ but the plugins do not call them).
+JIT implementation (`trtp.impl`) runs lowc's torch reference kernels on TensorRT's stream (and lowc's Triton
+SageAttention kernel for fp16/bf16 attention on CUDA): correct, not fast, and needs Python in the serving process.
+The four GEMM plugins also have an AOT implementation (`trtp.aot_impl`, `tensorrt_aot.py`): a Triton kernel that
+reads the node's packed tensors as they are, compiled to PTX and embedded in the engine; `build_engine` picks it
+(`PREFER_AOT_PYTHON_PLUGINS`) unless asked for JIT. SageAttention is JIT only. lowc's CUDA C++ kernels (V:N:M SpMM,
+BTC GEMM) need weight layouts the ONNX nodes do not carry, so no plugin runs them.
 """
 
 # No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions' annotations as real
 # types (TensorDesc, int, float) to build the plugin signatures, so they must not be postponed into strings.
-from typing import Sequence
+from typing import Sequence, Tuple, Union
 
 import torch
 
@@ -28,14 +30,18 @@ from ..scheme import ModuleScheme
 from .onnx_ops import OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION, SAGE_ATTENTION, LowcOp
 
 
-def plugin_records(op_names: set[str] | Sequence[str]) -> list[dict]:
-    """The TensorRT plugins an exported model needs, as JSON-ready records (name, namespace, version, id, ...)."""
+def plugin_records(op_names: set[str] | Sequence[str], implementation: str = "aot") -> list[dict]:
+    """The TensorRT plugins an exported model needs, as JSON-ready records (name, namespace, version, id, ...,
+    and which implementation an engine built with `implementation` ("aot" or "jit") runs)."""
+    from .tensorrt_aot import AOT_OPS
+
     records = []
     for name in sorted(op_names):
         op = OPS[name]
         records.append({"name": op.name, "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
                         "id": op.plugin_id, "inputs": list(op.inputs),
-                        "attributes": {a: t.__name__ for a, t in op.attributes}})
+                        "attributes": {a: t.__name__ for a, t in op.attributes},
+                        "implementation": "aot" if implementation == "aot" and name in AOT_OPS else "jit"})
     return records
 
 
@@ -110,7 +116,7 @@ _REGISTERED = False
 def register_plugins() -> list[str]:
     """Register every lowc plugin with TensorRT's plugin registry (idempotent); returns the plugin ids.
 
-    Needs `tensorrt` (>= 10.7, for `tensorrt.plugin`) and torch with CUDA for the implementations.
+    Needs `tensorrt` (>= 10.9, for `tensorrt.plugin` with `aot_impl`) and torch with CUDA for the implementations.
     """
     global _REGISTERED
     from .tensorrt_engine import require_tensorrt
@@ -122,8 +128,36 @@ def register_plugins() -> list[str]:
     return [op.plugin_id for op in OPS.values()]
 
 
+_TRT_DTYPES = {"DataType.HALF": "float16", "DataType.BF16": "bfloat16", "DataType.FLOAT": "float32",
+               "DataType.UINT8": "uint8", "DataType.INT8": "int8"}
+
+
+def trt_dtype_name(dtype) -> str:
+    """lowc's dtype name ("float16", "uint8", ...) of a TensorRT DataType."""
+    name = _TRT_DTYPES.get(str(dtype))
+    if name is None:
+        raise ValueError(f"lowc's AOT plugins take {', '.join(_TRT_DTYPES.values())} tensors, got {dtype}")
+    return name
+
+
 def _define_plugins() -> None:
     import tensorrt.plugin as trtp
+
+    from .tensorrt_aot import aot_launch, compile_aot
+
+    def aot(op: LowcOp, tensors, attrs):
+        """kernel name, PTX, launch parameters and scalar arguments of `op`'s AOT kernel for these inputs."""
+        shapes = [[t.shape_expr[i] for i in range(len(t.shape_expr))] for t in tensors]
+        plan = aot_launch(op.name, shapes, attrs, cdiv=trtp.cdiv)
+        kernel = compile_aot(plan, [trt_dtype_name(t.dtype) for t in tensors], _arch())
+        params = trtp.KernelLaunchParams()
+        params.grid_x, params.grid_y = plan.grid[:2]  # grid_z stays 1
+        params.block_x = kernel.block
+        params.shared_mem = kernel.shared
+        scalars = trtp.SymIntExprs(len(plan.scalars))
+        for i, s in enumerate(plan.scalars):
+            scalars[i] = trtp.SymInt32(s)
+        return kernel.name, kernel.ptx, params, scalars
 
     def desc(op: LowcOp, *tensors):
         shape = SHAPE_FUNCTIONS[op.name](*(list(t.shape_expr) for t in tensors))
@@ -147,6 +181,12 @@ def _define_plugins() -> None:
                    outputs: tuple[trtp.Tensor], stream: int) -> None:
         run(OPS["Int6Gemm"], (X, qweight, scales), {"group": group}, outputs, stream)
 
+    @trtp.aot_impl(op.plugin_id)
+    def _int6_aot(X: trtp.TensorDesc, qweight: trtp.TensorDesc, scales: trtp.TensorDesc, group: int,
+                  outputs: Tuple[trtp.TensorDesc], tactic: int) -> Tuple[
+                      Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+        return aot(OPS["Int6Gemm"], (X, qweight, scales), {"group": group})
+
     op = OPS["BTCGemm"]
 
     @trtp.register(op.plugin_id)
@@ -159,6 +199,12 @@ def _define_plugins() -> None:
                   outputs: tuple[trtp.Tensor], stream: int) -> None:
         run(OPS["BTCGemm"], (X, qweight, scales), {"bits": bits, "group": group}, outputs, stream)
 
+    @trtp.aot_impl(op.plugin_id)
+    def _btc_aot(X: trtp.TensorDesc, qweight: trtp.TensorDesc, scales: trtp.TensorDesc, bits: int, group: int,
+                 outputs: Tuple[trtp.TensorDesc], tactic: int) -> Tuple[
+                     Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+        return aot(OPS["BTCGemm"], (X, qweight, scales), {"bits": bits, "group": group})
+
     op = OPS["VNMGemm"]
 
     @trtp.register(op.plugin_id)
@@ -170,6 +216,12 @@ def _define_plugins() -> None:
     def _vnm_impl(X: trtp.Tensor, values: trtp.Tensor, columns: trtp.Tensor, positions: trtp.Tensor, v: int,
                   m: int, outputs: tuple[trtp.Tensor], stream: int) -> None:
         run(OPS["VNMGemm"], (X, values, columns, positions), {"v": v, "m": m}, outputs, stream)
+
+    @trtp.aot_impl(op.plugin_id)
+    def _vnm_aot(X: trtp.TensorDesc, values: trtp.TensorDesc, columns: trtp.TensorDesc, positions: trtp.TensorDesc,
+                 v: int, m: int, outputs: Tuple[trtp.TensorDesc], tactic: int) -> Tuple[
+                     Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+        return aot(OPS["VNMGemm"], (X, values, columns, positions), {"v": v, "m": m})
 
     op = OPS["VNMQGemm"]
 
@@ -186,6 +238,14 @@ def _define_plugins() -> None:
         run(OPS["VNMQGemm"], (X, qweight, scales, columns, positions),
             {"bits": bits, "group": group, "v": v, "m": m}, outputs, stream)
 
+    @trtp.aot_impl(op.plugin_id)
+    def _vnmq_aot(X: trtp.TensorDesc, qweight: trtp.TensorDesc, scales: trtp.TensorDesc, columns: trtp.TensorDesc,
+                  positions: trtp.TensorDesc, bits: int, group: int, v: int, m: int,
+                  outputs: Tuple[trtp.TensorDesc], tactic: int) -> Tuple[
+                      Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+        return aot(OPS["VNMQGemm"], (X, qweight, scales, columns, positions),
+                   {"bits": bits, "group": group, "v": v, "m": m})
+
     op = OPS["SageAttention"]
 
     @trtp.register(op.plugin_id)
@@ -197,3 +257,13 @@ def _define_plugins() -> None:
     def _attn_impl(Q: trtp.Tensor, K: trtp.Tensor, V: trtp.Tensor, bias: trtp.Tensor, causal: int, scale: float,
                    outputs: tuple[trtp.Tensor], stream: int) -> None:
         run(OPS["SageAttention"], (Q, K, V, bias), {"causal": causal, "scale": scale}, outputs, stream)
+
+
+def _arch() -> int:
+    """The compute capability to compile AOT kernels for: the current GPU's, else sm_90."""
+    import torch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return 10 * major + minor
+    return 90

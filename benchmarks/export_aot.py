@@ -1,0 +1,119 @@
+"""The AOT TensorRT plugin kernels on the GPU, launched the way TensorRT launches them (no TensorRT needed).
+
+Every GEMM plugin's Triton kernel (lowc/kernels/canonical_gemm.py) is compiled to PTX by `compile_aot` (the PTX a
+TensorRT engine embeds), loaded with cuda.core and launched with TensorRT's AOT argument list (input pointers, int32
+scalars, output pointer) on the grid `aot_launch` derives from the shapes; its output is compared with the plugins'
+torch computation (`plugin_compute`, which the ONNX functions equal) and timed against cuBLAS bf16 on a dense weight
+of the same shape. Llama-2-7B-sized 4096x4096 weights at 1, 16 and 512 tokens in fp16 and bf16, plus odd shapes.
+
+    PYTHONPATH=$PWD python benchmarks/export_aot.py [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels_gemm import device_slug  # noqa: E402
+
+import lowc  # noqa: E402
+from lowc.compress.pipeline import compress_module  # noqa: E402
+from lowc.compress.sparsity.vnm import VNMSpec  # noqa: E402
+from lowc.export.tensorrt_aot import aot_launch, compile_aot, run_aot  # noqa: E402
+from lowc.export.tensorrt_plugins import plugin_compute  # noqa: E402
+from lowc.scheme import ModuleScheme  # noqa: E402
+
+TOLERANCE = 2e-2  # relative Frobenius error vs the fp32 computation, for fp16/bf16 inputs and outputs
+
+
+def cases(big: bool):
+    """(op, attrs, scheme, names of the weight tensors in node order, tokens)."""
+    n = k = 4096 if big else 0
+    gemm = ("qweight", "scales")
+    vnm = ("values", "columns", "positions")
+    vnmq = ("qweight", "scales", "columns", "positions")
+    if big:
+        for m in (1, 16, 512):
+            yield "Int6Gemm", {"group": 128}, ModuleScheme("m", (n, k), None, 6, 128), gemm, m
+            yield "BTCGemm", {"bits": 3, "group": 128}, ModuleScheme("m", (n, k), None, 3, 128), gemm, m
+            yield ("VNMGemm", {"v": 64, "m": 5}, ModuleScheme("m", (n, k), VNMSpec(64, 2, 5), None, dtype="bfloat16"),
+                   vnm, m)
+            yield ("VNMQGemm", {"bits": 4, "group": 128, "v": 64, "m": 5},
+                   ModuleScheme("m", (n, k), VNMSpec(64, 2, 5), 4, 128), vnmq, m)
+    else:  # rows not a multiple of the tile, K not a multiple of M or of the group
+        yield "Int6Gemm", {"group": 16}, ModuleScheme("m", (100, 70), None, 6, 16), gemm, 3
+        yield "BTCGemm", {"bits": 2, "group": 32}, ModuleScheme("m", (100, 70), None, 2, 32), gemm, 5
+        yield "VNMGemm", {"v": 16, "m": 7}, ModuleScheme("m", (100, 70), VNMSpec(16, 2, 7), None, dtype="float16"), vnm, 3
+        yield ("VNMQGemm", {"bits": 6, "group": 16, "v": 32, "m": 5},
+               ModuleScheme("m", (100, 70), VNMSpec(32, 2, 5), 6, 16), vnmq, 33)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("export_aot.py needs a CUDA GPU")
+    name = torch.cuda.get_device_name()
+    major, minor = torch.cuda.get_device_capability()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for big in (False, True):
+        for op, attrs, scheme, names, m in cases(big):
+            tensors = compress_module(torch.randn(scheme.shape, generator=g), scheme)
+            weights = [tensors[t].cuda() for t in names]
+            for dtype in (torch.float16, torch.bfloat16):
+                x = torch.randn(m, scheme.shape[1], generator=g).to(dtype).cuda()
+                launch = aot_launch(op, [list(x.shape)] + [list(w.shape) for w in weights], attrs)
+                kernel = compile_aot(launch, [str(x.dtype)] + [str(w.dtype) for w in weights], 10 * major + minor)
+                out = torch.full((m, scheme.shape[0]), float("nan"), dtype=dtype, device="cuda")
+                run_aot(kernel, launch, [x, *weights], out)
+                torch.cuda.synchronize()
+                want = plugin_compute(op, [x.float(), *weights], attrs)
+                err = float((out.float() - want).norm() / want.norm())
+                row = {"op": op, "attrs": attrs, "rows": scheme.shape[0], "cols": scheme.shape[1], "tokens": m,
+                       "dtype": str(dtype).removeprefix("torch."), "rel_error": err, "correct": err <= TOLERANCE,
+                       "ptx_params": len(kernel.params), "block": kernel.block, "shared_bytes": kernel.shared}
+                if big:
+                    dense = torch.randn(scheme.shape, device="cuda", dtype=dtype)
+                    ms = triton.testing.do_bench(lambda: run_aot(kernel, launch, [x, *weights], out))
+                    ms_dense = triton.testing.do_bench(lambda: x @ dense.T)
+                    row.update(us=round(ms * 1e3, 2), cublas_dense_us=round(ms_dense * 1e3, 2),
+                               speed_vs_cublas_dense=round(ms_dense / ms, 3))
+                rows.append(row)
+    correct = all(r["correct"] for r in rows)
+    targets = [
+        {"name": "every AOT plugin kernel, compiled to PTX and launched with TensorRT's AOT argument list, matches "
+                 "the plugins' computation", "goal": True, "measured": correct, "met": correct,
+         "note": f"relative error <= {TOLERANCE} (fp16/bf16) on {len(rows)} cases; the engine build and TensorRT's "
+                 "own launch are not run (no TensorRT here)"},
+    ]
+    result = {
+        "device": name,
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+                     "lowc": lowc.__version__},
+        "command": "PYTHONPATH=$PWD python benchmarks/export_aot.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "results": rows,
+        "targets": targets,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"export_aot_{device_slug(name)}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'op':9} {'attrs':42} {'rows':>5} {'cols':>5} {'tok':>4} {'dtype':8} {'rel err':>8} {'us':>8} {'x cuBLAS':>8}")
+    for r in rows:
+        print(f"{r['op']:9} {json.dumps(r['attrs']):42} {r['rows']:5} {r['cols']:5} {r['tokens']:4} {r['dtype']:8} "
+              f"{r['rel_error']:8.1e} {r.get('us', ''):>8} {r.get('speed_vs_cublas_dense', ''):>8}")
+    print(f"wrote {path}; all correct: {correct}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Ahead-of-time implementations of lowc's TensorRT GEMM plugins: Triton kernels compiled to PTX for the engine.
+
+A `tensorrt.plugin` AOT implementation (`trtp.aot_impl`) returns, per plugin instance, one kernel's name and PTX, its
+launch parameters (grid as expressions of the input shapes, block, shared memory) and the extra scalar arguments;
+TensorRT embeds the PTX in the engine and launches it with (input pointers..., scalars..., output pointers...), with
+no Python at run time. lowc's kernels for this are `lowc/kernels/canonical_gemm.py`, written in that order.
+
+This module holds everything but the TensorRT objects, so it runs without TensorRT:
+- `aot_launch(op, shapes, attrs)`: the kernel, its constexprs and its grid and scalars as expressions over the input
+  dimensions (ints here, `tensorrt.plugin` shape expressions in the plugin), with `cdiv` supplied by the caller;
+- `compile_aot(launch, dtypes, arch)`: the PTX (cached), with Triton's two hidden trailing parameters (global and
+  profile scratch pointers, unused by these kernels) removed from the entry so the parameter list is exactly what
+  TensorRT passes; it refuses a kernel that would need either scratch buffer;
+- `run_aot(...)` (tests, GPU): launch that PTX through cuda.core with TensorRT's argument list.
+
+SageAttention has no AOT implementation: lowc's attention quantizes Q, K and V in separate kernels before the
+attention kernel, and an AOT plugin launches one kernel; its plugin stays JIT (`tensorrt_plugins.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+AOT_OPS = ("Int6Gemm", "BTCGemm", "VNMGemm", "VNMQGemm")
+NUM_WARPS = 4
+_TILES = dict(BLOCK_M=32, BLOCK_N=32)  # tiles for `bitfield_gemm_kernel` (BLOCK_K 64) and the V:N:M kernels
+# Triton signature strings per dtype name (torch and TensorRT names map onto these)
+POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "uint8": "*u8", "int8": "*i8"}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class AotLaunch:
+    """One plugin instance's kernel: which Triton kernel with which constexprs, and how to launch it."""
+
+    kernel_name: str  # attribute of lowc.kernels.canonical_gemm
+    constexprs: tuple[tuple[str, int], ...]
+    grid: tuple  # (x, y, z) expressions
+    scalars: tuple  # int32 expressions, in kernel order after the input pointers
+    num_warps: int = NUM_WARPS
+
+    @property
+    def kernel(self):
+        from ..kernels import canonical_gemm
+
+        return getattr(canonical_gemm, self.kernel_name)
+
+
+def _product(dims: Sequence):
+    out = dims[0]
+    for d in dims[1:]:
+        out = out * d
+    return out
+
+
+def aot_launch(op: str, shapes: Sequence[Sequence], attrs: dict, cdiv: Callable = _cdiv) -> AotLaunch:
+    """The AOT kernel of plugin `op` for inputs of `shapes` (in the node's input order) and attributes `attrs`.
+
+    Dimensions may be ints or symbolic shape expressions supporting `*`; `cdiv(a, b)` must accept them."""
+    if op not in AOT_OPS:
+        raise ValueError(f"no AOT kernel for {op!r} (AOT plugins: {', '.join(AOT_OPS)})")
+    x = shapes[0]
+    m, n, k = _product(list(x[:-1])), shapes[1][0], x[-1]
+    if op in ("Int6Gemm", "BTCGemm"):
+        bits = 6 if op == "Int6Gemm" else int(attrs["bits"])
+        const = dict(BITS=bits, GROUP=int(attrs["group"]), BLOCK_K=64, **_TILES)
+        return AotLaunch("bitfield_gemm_kernel", tuple(const.items()),
+                         (cdiv(m, _TILES["BLOCK_M"]), cdiv(n, _TILES["BLOCK_N"]), 1),
+                         (m, n, k, shapes[1][1], shapes[2][1]))
+    v, cols = int(attrs["v"]), int(attrs["m"])
+    block_n = math.gcd(v, _TILES["BLOCK_N"])  # divides V: a tile's rows share one V-row block
+    if block_n < 16:
+        raise ValueError(f"{op}: V={v} is not a multiple of 16, which the AOT kernel's tensor-core tiles need")
+    const = dict(V=v, BLOCK_COLS=cols, BLOCK_M=_TILES["BLOCK_M"], BLOCK_N=block_n, BLOCK_B=16)
+    grid = (cdiv(m, _TILES["BLOCK_M"]), cdiv(n, block_n), 1)
+    if op == "VNMGemm":  # X, values, columns, positions
+        return AotLaunch("vnm_gemm_kernel", tuple(const.items()), grid,
+                         (m, n, k, shapes[2][1], shapes[1][1], shapes[3][1]))
+    const.update(BITS=int(attrs["bits"]), GROUP=int(attrs["group"]))  # X, qweight, scales, columns, positions
+    return AotLaunch("vnm_qgemm_kernel", tuple(const.items()), grid,
+                     (m, n, k, shapes[3][1], shapes[1][1], shapes[4][1], shapes[2][1]))
+
+
+@dataclass(frozen=True)
+class AotKernel:
+    """A compiled AOT kernel: PTX entry `name`, `block` threads, `shared` bytes of dynamic shared memory."""
+
+    name: str
+    ptx: str
+    block: int
+    shared: int
+    params: tuple[str, ...] = field(default=())  # the entry's parameter types as PTX declares them
+
+
+_ENTRY = re.compile(r"\.entry\s+(\w+)\s*\((.*?)\)", re.S)
+
+
+def _strip_hidden_params(ptx: str, name: str, keep: int) -> tuple[str, tuple[str, ...]]:
+    """Drop the entry's parameters after the first `keep` (Triton's scratch pointers) if the body never reads
+    them; returns (ptx, the kept parameters' PTX types)."""
+    match = _ENTRY.search(ptx)
+    if match is None or match.group(1) != name:
+        raise RuntimeError(f"no .entry {name} in the PTX Triton produced")
+    params = [p.strip() for p in match.group(2).split(",") if p.strip()]
+    if len(params) < keep:
+        raise RuntimeError(f"{name}: PTX has {len(params)} parameters, the kernel declares {keep}")
+    body = ptx[match.end():]
+    for extra in params[keep:]:
+        param_name = extra.split()[-1]
+        if re.search(rf"\b{re.escape(param_name)}\b", body):
+            raise RuntimeError(f"{name}: Triton's hidden parameter {param_name} is used by the kernel, so it cannot "
+                               "be launched with TensorRT's AOT argument list")
+    entry = f".entry {name}(\n\t" + ",\n\t".join(params[:keep]) + "\n)"
+    types = tuple(" ".join(t for t in p.split()[1:-1] if t in (".u32", ".u64", ".s32", ".b32", ".b64"))
+                  for p in params[:keep])
+    return ptx[:match.start()] + entry + ptx[match.end():], types
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(kernel_name: str, constexprs: tuple, signature: tuple, arch: int, num_warps: int) -> AotKernel:
+    from ..kernels.wa16_gemm import interpreting
+
+    if interpreting():  # Triton's interpreter wraps the kernels; compile them in a process without it
+        request = json.dumps([kernel_name, constexprs, signature, arch, num_warps])
+        env = {**os.environ, "TRITON_INTERPRET": "0"}
+        done = subprocess.run([sys.executable, "-m", __name__, request], env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"compiling {kernel_name} to PTX failed: {done.stderr.strip()[-2000:]}")
+        return AotKernel(**{k: tuple(v) if k == "params" else v
+                            for k, v in json.loads(done.stdout.splitlines()[-1]).items()})
+    return _compile_here(kernel_name, constexprs, signature, arch, num_warps)
+
+
+def _compile_here(kernel_name: str, constexprs: tuple, signature: tuple, arch: int, num_warps: int) -> AotKernel:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ..kernels import canonical_gemm
+
+    fn = getattr(canonical_gemm, kernel_name)
+    const = dict(constexprs)
+    runtime = [p for p in fn.arg_names if p not in const]
+    if len(runtime) != len(signature):
+        raise ValueError(f"{kernel_name} takes {len(runtime)} runtime arguments, got {len(signature)} types")
+    sig = {**dict(zip(runtime, signature)), **{p: "constexpr" for p in const}}
+    src = ASTSource(fn=fn, signature=sig, constexprs=const)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    meta = compiled.metadata
+    for what in ("global_scratch_size", "profile_scratch_size"):
+        if getattr(meta, what, 0):
+            raise RuntimeError(f"{kernel_name} needs Triton {what.replace('_', ' ')} {getattr(meta, what)}, "
+                               "which a TensorRT AOT launch does not provide")
+    ptx, params = _strip_hidden_params(compiled.asm["ptx"], meta.name, len(runtime))
+    return AotKernel(meta.name, ptx, meta.num_warps * 32, meta.shared, params)
+
+
+def compile_aot(launch: AotLaunch, dtypes: Sequence[str], arch: int = 90) -> AotKernel:
+    """PTX of `launch`'s kernel for input dtypes `dtypes` (node order; the output takes the first input's dtype),
+    compiled for sm_`arch` (TensorRT JIT-compiles PTX for newer GPUs)."""
+    try:
+        pointers = [POINTER_TYPES[str(d).replace("torch.", "")] for d in dtypes]
+    except KeyError as e:
+        raise ValueError(f"AOT kernels take {', '.join(POINTER_TYPES)} tensors, got {e.args[0]}") from None
+    signature = (*pointers, *["i32"] * len(launch.scalars), pointers[0])
+    return _compile(launch.kernel_name, launch.constexprs, signature, arch, launch.num_warps)
+
+
+def run_triton(launch: AotLaunch, inputs: Sequence, out) -> None:
+    """Launch `launch`'s kernel through Triton itself (its CPU interpreter in tests) with the AOT argument order."""
+    launch.kernel[tuple(int(g) for g in launch.grid)](*inputs, *(int(s) for s in launch.scalars), out,
+                                                      **dict(launch.constexprs), num_warps=launch.num_warps)
+
+
+def run_aot(kernel: AotKernel, launch: AotLaunch, inputs: Sequence, out) -> None:
+    """Launch `kernel` on torch's current stream as TensorRT would: grid and scalars from `launch` (ints), the
+    arguments (input pointers..., int32 scalars..., output pointer). Needs CUDA and cuda.core."""
+    import numpy as np
+    import torch
+
+    try:
+        from cuda.core import Device, LaunchConfig, ObjectCode, launch as cu_launch
+    except ImportError:
+        from cuda.core.experimental import Device, LaunchConfig, ObjectCode, launch as cu_launch
+    dev = Device(torch.cuda.current_device())
+    dev.set_current()
+    code = _loaded(kernel.ptx, ObjectCode)
+    fn = code.get_kernel(kernel.name)
+    handle = torch.cuda.current_stream().cuda_stream
+    stream = dev.default_stream if handle == 0 else dev.create_stream(_TorchStream(handle))
+    config = LaunchConfig(grid=tuple(int(g) for g in launch.grid), block=kernel.block, shmem_size=kernel.shared)
+    args = [t.data_ptr() for t in inputs] + [np.int32(s) for s in launch.scalars] + [out.data_ptr()]
+    cu_launch(stream, config, fn, *args)
+
+
+class _TorchStream:
+    """A torch stream handle for cuda.core (the __cuda_stream__ protocol)."""
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __cuda_stream__(self):
+        return (0, self.handle)
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded(ptx: str, object_code):
+    return object_code.from_ptx(ptx.encode())
+
+
+if __name__ == "__main__":  # python -m lowc.export.tensorrt_aot '[kernel, constexprs, signature, arch, warps]'
+    name, const, sig, target, warps = json.loads(sys.argv[1])
+    compiled = _compile_here(name, tuple(tuple(c) for c in const), tuple(sig), target, warps)
+    print(json.dumps(dataclasses.asdict(compiled)))
+
+
+__all__ = ["AOT_OPS", "AotLaunch", "AotKernel", "aot_launch", "compile_aot", "run_aot", "run_triton"]

@@ -1,0 +1,111 @@
+"""The AOT TensorRT plugin kernels (export/tensorrt_aot.py, kernels/canonical_gemm.py): correct against the plugins'
+torch computation in Triton's interpreter, compiled to PTX whose entry takes exactly TensorRT's AOT argument list,
+with launch grids and scalars that are expressions of the input shapes; the engine's plugin preference flags."""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+from test_export_onnx import _op_cases  # noqa: E402
+
+from lowc.errors import UsageError  # noqa: E402
+from lowc.export.onnx_ops import OPS  # noqa: E402
+from lowc.export.tensorrt_aot import (AOT_OPS, _strip_hidden_params, aot_launch, compile_aot,  # noqa: E402
+                                      run_triton)
+from lowc.export.tensorrt_engine import network_flags  # noqa: E402
+from lowc.export.tensorrt_plugins import plugin_compute, plugin_records  # noqa: E402
+
+GEMM_CASES = [c for c in _op_cases() if c[0] in AOT_OPS]
+
+
+def _inputs(case):
+    _, feeds, consts, _ = case
+    return [*feeds.values(), *consts.values()]
+
+
+@pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: f"{c[0]}-{c[3]}")
+def test_aot_kernel_matches_plugin_compute(case):
+    op, _, _, attrs = case
+    inputs = _inputs(case)
+    launch = aot_launch(op, [list(t.shape) for t in inputs], attrs)
+    want = plugin_compute(op, inputs, attrs)
+    out = torch.full_like(want, float("nan"))
+    run_triton(launch, inputs, out)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", AOT_OPS)
+def test_kernel_signature_is_inputs_scalars_output(op):
+    case = next(c for c in GEMM_CASES if c[0] == op)
+    launch = aot_launch(op, [list(t.shape) for t in _inputs(case)], case[3])
+    fn = getattr(launch.kernel, "fn", launch.kernel)  # the Python function under Triton's wrapper
+    params = [p for p in inspect.signature(fn).parameters if p not in dict(launch.constexprs)]
+    assert len(params) == len(OPS[op].inputs) + len(launch.scalars) + 1
+    assert params[-1] == "y_ptr" and all(p.endswith("_ptr") for p in params[:len(OPS[op].inputs)])
+    assert not any(p.endswith("_ptr") for p in params[len(OPS[op].inputs):-1])
+
+
+class Sym:
+    """A stand-in for TensorRT's shape expressions: records the arithmetic as text."""
+
+    def __init__(self, text):
+        self.text = str(text)
+
+    def __mul__(self, other):
+        return Sym(f"({self.text}*{getattr(other, 'text', other)})")
+
+    def __repr__(self):
+        return self.text
+
+
+def test_launch_is_built_from_shape_expressions():
+    x, q, s = [Sym("B"), Sym("S"), Sym("K")], [Sym("N"), Sym("P")], [Sym("N"), Sym("G")]
+    launch = aot_launch("Int6Gemm", [x, q, s], {"group": 128}, cdiv=lambda a, b: Sym(f"cdiv({a},{b})"))
+    assert [repr(g) for g in launch.grid[:2]] == ["cdiv((B*S),32)", "cdiv(N,32)"]
+    assert [repr(v) for v in launch.scalars] == ["(B*S)", "N", "K", "P", "G"]  # M, N, K, row bytes, groups
+    assert dict(launch.constexprs)["BITS"] == 6
+    with pytest.raises(ValueError, match="no AOT kernel"):
+        aot_launch("SageAttention", [x, x, x, x], {"causal": 1, "scale": 0.1})
+    with pytest.raises(ValueError, match="multiple of 16"):
+        aot_launch("VNMGemm", [[4, 64], [8, 26], [1, 13, 4], [8, 7]], {"v": 8, "m": 5})
+
+
+@pytest.mark.parametrize("op", ["Int6Gemm", "VNMGemm", "VNMQGemm"])
+def test_ptx_entry_takes_tensorrt_arguments(op):
+    """Compiled for sm_90 (in a process without the interpreter): Triton's hidden scratch pointers are gone and the
+    entry declares 64-bit pointers for the inputs and the output and 32-bit scalars in between."""
+    case = next(c for c in GEMM_CASES if c[0] == op)
+    inputs = _inputs(case)
+    launch = aot_launch(op, [list(t.shape) for t in inputs], case[3])
+    kernel = compile_aot(launch, ["float16"] + [str(t.dtype) for t in inputs[1:]], arch=90)
+    n_in = len(OPS[op].inputs)
+    assert kernel.params == (".u64",) * n_in + (".u32",) * len(launch.scalars) + (".u64",)
+    assert f".entry {kernel.name}(" in kernel.ptx and ".target sm_90" in kernel.ptx
+    assert kernel.block == launch.num_warps * 32 and kernel.shared >= 0
+
+
+def test_hidden_parameters_are_only_dropped_when_unused():
+    ptx = (".visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .u32 k_param_1,\n\t.param .u64 k_param_2\n)\n"
+           "{\n\tld.param.u64 %rd1, [k_param_0];\n\tret;\n}\n")
+    stripped, types = _strip_hidden_params(ptx, "k", 2)
+    assert types == (".u64", ".u32") and "k_param_2" not in stripped and "k_param_1" in stripped
+    with pytest.raises(RuntimeError, match="hidden parameter k_param_0"):
+        _strip_hidden_params(ptx, "k", 0)
+    with pytest.raises(RuntimeError, match="no .entry"):
+        _strip_hidden_params(ptx, "other", 2)
+
+
+def test_engine_plugin_preference_and_records():
+    trt = SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(PREFER_AOT_PYTHON_PLUGINS=4,
+                                                                       PREFER_JIT_PYTHON_PLUGINS=5))
+    assert network_flags(trt, "aot") == 1 << 4 and network_flags(trt, "jit") == 1 << 5
+    with pytest.raises(UsageError, match="--trt-plugins"):
+        network_flags(trt, "cuda")
+    records = {r["name"]: r["implementation"] for r in plugin_records({"Int6Gemm", "SageAttention"})}
+    assert records == {"Int6Gemm": "aot", "SageAttention": "jit"}
+    assert {r["implementation"] for r in plugin_records({"Int6Gemm", "VNMGemm"}, "jit")} == {"jit"}
