@@ -10,8 +10,8 @@ Two kernels:
   scaled once. The token's scale multiplies the result last. Tiles are computed transposed, acc[BLOCK_N, BLOCK_M]
   = W_tile @ xq_tile^T, as in `wa16_gemm`, so both int8 operands are K-major as the tensor cores require.
   A `gemv=True` config runs one token through `wa16_gemm`'s GEMV kernel on the int8 codes instead (no tensor
-  cores; the products and their sums over a group are exact in fp32, the token's scale applied last). It is
-  tested in Triton's interpreter but not yet timed on a GPU, so the autotuner does not offer it yet.
+  cores; the products and their sums over a group are exact in fp32, the token's scale applied last); the
+  autotuner offers it next to the MMA configs for one token.
 
 `wa8_reference` is the exact emulation in torch (integer products, int32 sums per group, scales in the same order).
 """
@@ -26,8 +26,8 @@ from .dispatch import load_table
 from .lowbit_layout import LowbitWeight
 from .packing import unpack_int
 from .reference import quantize_activations
-from .wa16_gemm import (_TUNED, GemmConfig, expand_weight, fit_block_k, interpreting, k_splits, launch_gemv,
-                        load_biased_codes, m_bucket, output_buffer, pick_config, tile_coords)
+from .wa16_gemm import (_TUNED, GemmConfig, expand_weight, fit_block_k, gemv_configs, interpreting, k_splits,
+                        launch_gemv, load_biased_codes, m_bucket, output_buffer, pick_config, tile_coords)
 
 ACT_BITS = (6, 8)
 
@@ -191,10 +191,9 @@ def wa8_configs(m: int, n: int, k: int) -> list[GemmConfig]:
         def split(block_n: int) -> int:
             return k_splits(n, block_n)
 
-        # the GEMV configs (`GemmConfig(gemv=True)`, checked in the interpreter) join these candidates once they
-        # have been timed on a GPU (docs/KERNELS.md, "Not built yet")
-        return [GemmConfig(16, 64, 128, split(64), 4, 3), GemmConfig(16, 32, 128, split(32), 4, 3),
-                GemmConfig(16, 16, 256, split(16), 4, 4), GemmConfig(16, 64, 256, split(64), 4, 4)]
+        mma = [GemmConfig(16, 64, 128, split(64), 4, 3), GemmConfig(16, 32, 128, split(32), 4, 3),
+               GemmConfig(16, 16, 256, split(16), 4, 4), GemmConfig(16, 64, 256, split(64), 4, 4)]
+        return mma + gemv_configs(n) if m == 1 else mma
     if m <= 128:
         return [GemmConfig(m_bucket(m), 64, 128, 1, 4, 4), GemmConfig(m_bucket(m), 128, 128, 1, 4, 3),
                 GemmConfig(m_bucket(m), 64, 256, 1, 4, 3)]
