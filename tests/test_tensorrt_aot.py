@@ -15,10 +15,10 @@ from test_export_onnx import _op_cases  # noqa: E402
 
 from lowc.errors import UsageError  # noqa: E402
 from lowc.export.onnx_ops import OPS  # noqa: E402
-from lowc.export.tensorrt_aot import (AOT_OPS, _strip_hidden_params, aot_launch, compile_aot,  # noqa: E402
-                                      run_triton)
+from lowc.export.tensorrt_aot import (AOT_OPS, TACTICS, _strip_hidden_params, aot_launch,  # noqa: E402
+                                      compile_aot, run_triton)
 from lowc.export.tensorrt_engine import network_flags  # noqa: E402
-from lowc.export.tensorrt_plugins import plugin_compute, plugin_records  # noqa: E402
+from lowc.export.tensorrt_plugins import autotune_io_types, plugin_compute, plugin_records  # noqa: E402
 
 GEMM_CASES = [c for c in _op_cases() if c[0] in AOT_OPS]
 
@@ -28,11 +28,12 @@ def _inputs(case):
     return [*feeds.values(), *consts.values()]
 
 
+@pytest.mark.parametrize("tactic", TACTICS)
 @pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: f"{c[0]}-{c[3]}")
-def test_aot_kernel_matches_plugin_compute(case):
+def test_aot_kernel_matches_plugin_compute(case, tactic):
     op, _, _, attrs = case
     inputs = _inputs(case)
-    launch = aot_launch(op, [list(t.shape) for t in inputs], attrs)
+    launch = aot_launch(op, [list(t.shape) for t in inputs], attrs, tactic=tactic)
     want = plugin_compute(op, inputs, attrs)
     out = torch.full_like(want, float("nan"))
     run_triton(launch, inputs, out)
@@ -66,11 +67,15 @@ class Sym:
 def test_launch_is_built_from_shape_expressions():
     x, q, s = [Sym("B"), Sym("S"), Sym("K")], [Sym("N"), Sym("P")], [Sym("N"), Sym("G")]
     launch = aot_launch("Int6Gemm", [x, q, s], {"group": 128}, cdiv=lambda a, b: Sym(f"cdiv({a},{b})"))
-    assert [repr(g) for g in launch.grid[:2]] == ["cdiv((B*S),32)", "cdiv(N,32)"]
+    assert [repr(g) for g in launch.grid[:2]] == ["cdiv((B*S),64)", "cdiv(N,64)"]  # the default, prefill tiles
     assert [repr(v) for v in launch.scalars] == ["(B*S)", "N", "K", "P", "G"]  # M, N, K, row bytes, groups
     assert dict(launch.constexprs)["BITS"] == 6
     with pytest.raises(ValueError, match="no AOT kernel"):
         aot_launch("SageAttention", [x, x, x, x], {"causal": 1, "scale": 0.1})
+    decode = aot_launch("Int6Gemm", [x, q, s], {"group": 128}, cdiv=lambda a, b: Sym(f"cdiv({a},{b})"), tactic=1)
+    assert [repr(g) for g in decode.grid[:2]] == ["cdiv((B*S),16)", "cdiv(N,16)"]
+    with pytest.raises(ValueError, match="unknown AOT tactic"):
+        aot_launch("Int6Gemm", [x, q, s], {"group": 128}, tactic=0)
     with pytest.raises(ValueError, match="multiple of 16"):
         aot_launch("VNMGemm", [[4, 64], [8, 26], [1, 13, 4], [8, 7]], {"v": 8, "m": 5})
 
@@ -109,3 +114,4 @@ def test_engine_plugin_preference_and_records():
     records = {r["name"]: r["implementation"] for r in plugin_records({"Int6Gemm", "SageAttention"})}
     assert records == {"Int6Gemm": "aot", "SageAttention": "jit"}
     assert {r["implementation"] for r in plugin_records({"Int6Gemm", "VNMGemm"}, "jit")} == {"jit"}
+    assert autotune_io_types(["bfloat16", "uint8", "float16"]) == "BF16,UINT8,FP16,BF16"

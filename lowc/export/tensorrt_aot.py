@@ -32,7 +32,13 @@ from typing import Callable, Sequence
 
 AOT_OPS = ("Int6Gemm", "BTCGemm", "VNMGemm", "VNMQGemm")
 NUM_WARPS = 4
-_TILES = dict(BLOCK_M=32, BLOCK_N=32)  # tiles for `bitfield_gemm_kernel` (BLOCK_K 64) and the V:N:M kernels
+# Tactics TensorRT times at engine build (`trtp.autotune`) and passes to the AOT implementation: tile sizes for
+# few tokens (many row tiles, so every SM streams weights) and for many. BLOCK_N is capped at V for V:N:M.
+TACTICS: dict[int, dict[str, int]] = {
+    1: dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, BLOCK_B=32),  # decode
+    2: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_B=16),  # prefill
+}
+DEFAULT_TACTIC = 2
 # Triton signature strings per dtype name (torch and TensorRT names map onto these)
 POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "uint8": "*u8", "int8": "*i8"}
 
@@ -65,26 +71,32 @@ def _product(dims: Sequence):
     return out
 
 
-def aot_launch(op: str, shapes: Sequence[Sequence], attrs: dict, cdiv: Callable = _cdiv) -> AotLaunch:
-    """The AOT kernel of plugin `op` for inputs of `shapes` (in the node's input order) and attributes `attrs`.
+def aot_launch(op: str, shapes: Sequence[Sequence], attrs: dict, cdiv: Callable = _cdiv,
+               tactic: int = DEFAULT_TACTIC) -> AotLaunch:
+    """The AOT kernel of plugin `op` for inputs of `shapes` (in the node's input order), attributes `attrs` and
+    tile `tactic` (a key of TACTICS).
 
     Dimensions may be ints or symbolic shape expressions supporting `*`; `cdiv(a, b)` must accept them."""
     if op not in AOT_OPS:
         raise ValueError(f"no AOT kernel for {op!r} (AOT plugins: {', '.join(AOT_OPS)})")
+    if tactic not in TACTICS:
+        raise ValueError(f"unknown AOT tactic {tactic} (tactics: {', '.join(map(str, TACTICS))})")
+    tiles = TACTICS[tactic]
     x = shapes[0]
     m, n, k = _product(list(x[:-1])), shapes[1][0], x[-1]
     if op in ("Int6Gemm", "BTCGemm"):
         bits = 6 if op == "Int6Gemm" else int(attrs["bits"])
-        const = dict(BITS=bits, GROUP=int(attrs["group"]), BLOCK_K=64, **_TILES)
+        const = dict(BITS=bits, GROUP=int(attrs["group"]), BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"],
+                     BLOCK_K=tiles["BLOCK_K"])
         return AotLaunch("bitfield_gemm_kernel", tuple(const.items()),
-                         (cdiv(m, _TILES["BLOCK_M"]), cdiv(n, _TILES["BLOCK_N"]), 1),
+                         (cdiv(m, tiles["BLOCK_M"]), cdiv(n, tiles["BLOCK_N"]), 1),
                          (m, n, k, shapes[1][1], shapes[2][1]))
     v, cols = int(attrs["v"]), int(attrs["m"])
-    block_n = math.gcd(v, _TILES["BLOCK_N"])  # divides V: a tile's rows share one V-row block
+    block_n = math.gcd(v, tiles["BLOCK_N"])  # divides V: a tile's rows share one V-row block
     if block_n < 16:
         raise ValueError(f"{op}: V={v} is not a multiple of 16, which the AOT kernel's tensor-core tiles need")
-    const = dict(V=v, BLOCK_COLS=cols, BLOCK_M=_TILES["BLOCK_M"], BLOCK_N=block_n, BLOCK_B=16)
-    grid = (cdiv(m, _TILES["BLOCK_M"]), cdiv(n, block_n), 1)
+    const = dict(V=v, BLOCK_COLS=cols, BLOCK_M=tiles["BLOCK_M"], BLOCK_N=block_n, BLOCK_B=tiles["BLOCK_B"])
+    grid = (cdiv(m, tiles["BLOCK_M"]), cdiv(n, block_n), 1)
     if op == "VNMGemm":  # X, values, columns, positions
         return AotLaunch("vnm_gemm_kernel", tuple(const.items()), grid,
                          (m, n, k, shapes[2][1], shapes[1][1], shapes[3][1]))
@@ -226,4 +238,4 @@ if __name__ == "__main__":  # python -m lowc.export.tensorrt_aot '[kernel, const
     print(json.dumps(dataclasses.asdict(compiled)))
 
 
-__all__ = ["AOT_OPS", "AotLaunch", "AotKernel", "aot_launch", "compile_aot", "run_aot", "run_triton"]
+__all__ = ["AOT_OPS", "TACTICS", "DEFAULT_TACTIC", "AotLaunch", "AotKernel", "aot_launch", "compile_aot", "run_aot", "run_triton"]

@@ -20,7 +20,7 @@ BTC GEMM) need weight layouts the ONNX nodes do not carry, so no plugin runs the
 
 # No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions' annotations as real
 # types (TensorDesc, int, float) to build the plugin signatures, so they must not be postponed into strings.
-from typing import Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 
@@ -132,6 +132,14 @@ _TRT_DTYPES = {"DataType.HALF": "float16", "DataType.BF16": "bfloat16", "DataTyp
                "DataType.UINT8": "uint8", "DataType.INT8": "int8"}
 
 
+_AUTOTUNE_TYPES = {"float16": "FP16", "bfloat16": "BF16", "float32": "FP32", "uint8": "UINT8", "int8": "INT8"}
+
+
+def autotune_io_types(input_dtypes: Sequence[str]) -> str:
+    """`AutoTuneCombination` io_types of a GEMM plugin: its inputs' types as they are, the output taking X's."""
+    return ",".join(_AUTOTUNE_TYPES[d] for d in (*input_dtypes, input_dtypes[0]))
+
+
 def trt_dtype_name(dtype) -> str:
     """lowc's dtype name ("float16", "uint8", ...) of a TensorRT DataType."""
     name = _TRT_DTYPES.get(str(dtype))
@@ -143,12 +151,13 @@ def trt_dtype_name(dtype) -> str:
 def _define_plugins() -> None:
     import tensorrt.plugin as trtp
 
-    from .tensorrt_aot import aot_launch, compile_aot
+    from .tensorrt_aot import DEFAULT_TACTIC, TACTICS, aot_launch, compile_aot
 
-    def aot(op: LowcOp, tensors, attrs):
+    def aot(op: LowcOp, tensors, attrs, tactic: int):
         """kernel name, PTX, launch parameters and scalar arguments of `op`'s AOT kernel for these inputs."""
         shapes = [[t.shape_expr[i] for i in range(len(t.shape_expr))] for t in tensors]
-        plan = aot_launch(op.name, shapes, attrs, cdiv=trtp.cdiv)
+        plan = aot_launch(op.name, shapes, attrs, cdiv=trtp.cdiv,
+                          tactic=tactic if tactic in TACTICS else DEFAULT_TACTIC)
         kernel = compile_aot(plan, [trt_dtype_name(t.dtype) for t in tensors], _arch())
         params = trtp.KernelLaunchParams()
         params.grid_x, params.grid_y = plan.grid[:2]  # grid_z stays 1
@@ -158,6 +167,11 @@ def _define_plugins() -> None:
         for i, s in enumerate(plan.scalars):
             scalars[i] = trtp.SymInt32(s)
         return kernel.name, kernel.ptx, params, scalars
+
+    def tune(*tensors):
+        """The inputs' types as given, linear layouts, and the AOT kernels' tile tactics for TensorRT to time."""
+        types = autotune_io_types([trt_dtype_name(t.dtype) for t in tensors])
+        return [trtp.AutoTuneCombination(types, ",".join(["LINEAR"] * (len(tensors) + 1)), list(TACTICS))]
 
     def desc(op: LowcOp, *tensors):
         shape = SHAPE_FUNCTIONS[op.name](*(list(t.shape_expr) for t in tensors))
@@ -185,7 +199,12 @@ def _define_plugins() -> None:
     def _int6_aot(X: trtp.TensorDesc, qweight: trtp.TensorDesc, scales: trtp.TensorDesc, group: int,
                   outputs: Tuple[trtp.TensorDesc], tactic: int) -> Tuple[
                       Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-        return aot(OPS["Int6Gemm"], (X, qweight, scales), {"group": group})
+        return aot(OPS["Int6Gemm"], (X, qweight, scales), {"group": group}, tactic)
+
+    @trtp.autotune(op.plugin_id)
+    def _int6_tune(X: trtp.TensorDesc, qweight: trtp.TensorDesc, scales: trtp.TensorDesc,
+                   outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        return tune(X, qweight, scales)
 
     op = OPS["BTCGemm"]
 
@@ -203,7 +222,12 @@ def _define_plugins() -> None:
     def _btc_aot(X: trtp.TensorDesc, qweight: trtp.TensorDesc, scales: trtp.TensorDesc, bits: int, group: int,
                  outputs: Tuple[trtp.TensorDesc], tactic: int) -> Tuple[
                      Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-        return aot(OPS["BTCGemm"], (X, qweight, scales), {"bits": bits, "group": group})
+        return aot(OPS["BTCGemm"], (X, qweight, scales), {"bits": bits, "group": group}, tactic)
+
+    @trtp.autotune(op.plugin_id)
+    def _btc_tune(X: trtp.TensorDesc, qweight: trtp.TensorDesc, scales: trtp.TensorDesc,
+                  outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        return tune(X, qweight, scales)
 
     op = OPS["VNMGemm"]
 
@@ -221,7 +245,13 @@ def _define_plugins() -> None:
     def _vnm_aot(X: trtp.TensorDesc, values: trtp.TensorDesc, columns: trtp.TensorDesc, positions: trtp.TensorDesc,
                  v: int, m: int, outputs: Tuple[trtp.TensorDesc], tactic: int) -> Tuple[
                      Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-        return aot(OPS["VNMGemm"], (X, values, columns, positions), {"v": v, "m": m})
+        return aot(OPS["VNMGemm"], (X, values, columns, positions), {"v": v, "m": m}, tactic)
+
+    @trtp.autotune(op.plugin_id)
+    def _vnm_tune(X: trtp.TensorDesc, values: trtp.TensorDesc, columns: trtp.TensorDesc,
+                  positions: trtp.TensorDesc,
+                  outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        return tune(X, values, columns, positions)
 
     op = OPS["VNMQGemm"]
 
@@ -244,7 +274,13 @@ def _define_plugins() -> None:
                   outputs: Tuple[trtp.TensorDesc], tactic: int) -> Tuple[
                       Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         return aot(OPS["VNMQGemm"], (X, qweight, scales, columns, positions),
-                   {"bits": bits, "group": group, "v": v, "m": m})
+                   {"bits": bits, "group": group, "v": v, "m": m}, tactic)
+
+    @trtp.autotune(op.plugin_id)
+    def _vnmq_tune(X: trtp.TensorDesc, qweight: trtp.TensorDesc, scales: trtp.TensorDesc,
+                   columns: trtp.TensorDesc, positions: trtp.TensorDesc,
+                   outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        return tune(X, qweight, scales, columns, positions)
 
     op = OPS["SageAttention"]
 

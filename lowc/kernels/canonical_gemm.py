@@ -47,7 +47,8 @@ def _dot(acc, x, w, IEEE: tl.constexpr):
 def bitfield_gemm_kernel(x_ptr, q_ptr, s_ptr, M, N, K, ROW_BYTES, GROUPS, y_ptr,
                          BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr):
-    """y [M, N] = x [M, K] @ (codes * scales)ᵀ; codes [N, ROW_BYTES] bit streams, scales [N, GROUPS] fp16."""
+    """y [M, N] = x [M, K] @ (codes * scales)ᵀ; codes [N, ROW_BYTES] bit streams, scales [N, GROUPS] fp16.
+    When BLOCK_K divides GROUP a K tile lies in one group and loads one scale per row."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = rm[:, None] < M, rn[:, None] < N
@@ -57,7 +58,10 @@ def bitfield_gemm_kernel(x_ptr, q_ptr, s_ptr, M, N, K, ROW_BYTES, GROUPS, y_ptr,
         k_ok = rk < K
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk, mask=m_ok & k_ok, other=0.0)
         codes = _bitfield_codes(q_ptr, rn[:, None], rk, ROW_BYTES, n_ok, k_ok, BITS)
-        scale = tl.load(s_ptr + rn[:, None].to(tl.int64) * GROUPS + rk // GROUP, mask=n_ok & k_ok, other=0.0)
+        if GROUP % BLOCK_K == 0:
+            scale = tl.load(s_ptr + rn[:, None].to(tl.int64) * GROUPS + k0 // GROUP, mask=n_ok, other=0.0)
+        else:
+            scale = tl.load(s_ptr + rn[:, None].to(tl.int64) * GROUPS + rk // GROUP, mask=n_ok & k_ok, other=0.0)
         w = (codes.to(tl.float32) * scale.to(tl.float32)).to(x.dtype)
         acc = _dot(acc, x, w, x.dtype == tl.float32)
     tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
