@@ -58,6 +58,9 @@ def cli(verbose: bool) -> None:
                    "scales + clipping (the last two need --calib).")
 @click.option("--act-order", is_flag=True, default=None,
               help="With --method gptq: round the input channels with the most calibration energy first.")
+@click.option("--clip", is_flag=True, default=None,
+              help="With --method gptq: shrink each group's scale where that lowers its output error on the "
+                   "calibration Hessian (dense weights; V:N:M groups keep absmax scales).")
 @click.option("--abits", type=click.Choice(["6", "8", "16"]),
               help="Activation bits: per-token symmetric A8 or A6 on the inputs of integer-weight Linears (16 = off).")
 @click.option("--a8-budget", type=float,
@@ -91,7 +94,7 @@ def cli(verbose: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @add_ast_options
 def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: float | None, pad_rows: bool | None,
-             wbits: int | None, method: str | None, act_order: bool | None, abits: str | None,
+             wbits: int | None, method: str | None, act_order: bool | None, clip: bool | None, abits: str | None,
              a8_budget: float | None, smooth: bool | None, scale_alpha: float | None, group: int | None,
              skip: tuple[str, ...], importance: str | None, reconstruct: str | None,
              permute: bool | None, permute_iterations: int | None,
@@ -112,7 +115,7 @@ def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: f
                ("calib_seqlen", calib_seqlen), ("sparsity", sparsity), ("pad_rows", pad_rows), ("permute", permute),
                ("permute_iterations", permute_iterations), ("reconstruct", reconstruct), ("method", method),
                ("abits", None if abits is None else int(abits)), ("a8_budget", a8_budget), ("act_order", act_order),
-               ("smooth", smooth), ("scale_alpha", scale_alpha))
+               ("clip", clip), ("smooth", smooth), ("scale_alpha", scale_alpha))
     for key, value in options:
         if value is not None:
             data[key] = value

@@ -33,7 +33,8 @@ class Recipe:
     kept weights of every pruned layer to its dense outputs on the calibration text, layer by layer ("lstsq": exact
     least squares per row; "obs": SparseGPT's faster sequential update); None prunes without refitting. method: how
     weights are rounded: "rtn" (round to nearest), "gptq" (rounding errors compensated through the calibration
-    Hessian, jointly with V:N:M pruning; needs `calib`; `act_order` rounds high-energy input channels first) or "awq"
+    Hessian, jointly with V:N:M pruning; needs `calib`; `act_order` rounds high-energy input channels first; `clip`
+    shrinks each dense group's scale where that lowers the group's output error under the Hessian) or "awq"
     (activation-aware per-channel scales folded into the previous op, clipped round to nearest). smooth: SmoothQuant
     factors that move activation outliers into the weights before A8/A6 quantization (folded the same way).
     `scale_alpha` fixes the strength of smooth/awq factors; by default it is searched per layer group. abits: 8 or 6
@@ -61,6 +62,7 @@ class Recipe:
     abits: int | None = None
     a8_budget: float | None = None
     act_order: bool = False
+    clip: bool = False
     smooth: bool = False
     scale_alpha: float | None = None
     ast: dict | None = None
@@ -137,6 +139,10 @@ class Recipe:
             raise UsageError(f"--act-order: expected true or false, got {self.act_order!r}")
         if self.act_order and self.method != "gptq":
             raise UsageError("--act-order: orders GPTQ's column walk; give --method gptq")
+        if not isinstance(self.clip, bool):
+            raise UsageError(f"--clip: expected true or false, got {self.clip!r}")
+        if self.clip and self.method != "gptq":
+            raise UsageError("--clip: searches GPTQ's group scales (AWQ always clips); give --method gptq")
         if self.method == "awq":
             if self.wbits is None:
                 raise UsageError("--method awq: scales integer weights; give --wbits too")

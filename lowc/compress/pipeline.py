@@ -212,7 +212,7 @@ def _reconstruct(model: torch.nn.Module, ids: torch.Tensor, scores: dict[str, to
                 weight = SOLVERS[recipe.reconstruct](weight, hessian, keep)
         if scheme.bits is not None and gptq:
             weight, s = gptq_quantize(weight, hessian, scheme.bits, scheme.group, keep, kept,
-                                      act_order=recipe.act_order)
+                                      act_order=recipe.act_order, clip=recipe.clip)
             scales[name] = s.cpu()
         return weight
 
@@ -372,6 +372,7 @@ def _quantization_config(recipe: Recipe, plan: Plan) -> dict:
         "sym": True,
         "method": recipe.method if recipe.wbits else None,
         "act_order": recipe.act_order if recipe.wbits else None,
+        "clip": recipe.clip if recipe.wbits else None,
         "scaling": recipe.scaling,
         "activation_bits": recipe.abits,
         "sparsity": None if not specs else {"format": "vnm", "v": spec.v if spec else "per-module", "n": 2,

@@ -1,5 +1,11 @@
-"""Weight clipping search (AWQ's second half): shrink each group's quantization range where that lowers the output
-error on calibration inputs, trading a little error on the largest weights for finer steps on all the others."""
+"""Weight clipping search: shrink each group's quantization range where that lowers the output error on calibration
+inputs, trading a little error on the largest weights for finer steps on all the others. AWQ searches it on the
+scaled inputs after its per-channel factors; GPTQ (`clip: true`) searches it on the Hessian it already has, to fix
+its static group scales before the column walk.
+
+The output error of rounding group g of a row is d^T (X_g^T X_g) d for the rounding error d of that group's weights,
+so the search needs only each group's Gram block of the inputs (`input_grams`) or of the Hessian (`hessian_grams`).
+"""
 
 from __future__ import annotations
 
@@ -10,18 +16,33 @@ from .rtn import SCALE_DTYPE, _FP16_TINY, qmax
 CLIP_GRID = tuple(round(1 - 0.025 * i, 3) for i in range(21))  # 1.0 down to 0.5
 
 
+def input_grams(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Per-group Gram blocks [ceil(K/G), G, G] (float64) of calibration inputs `x` [T, K] (zero-padded columns)."""
+    groups = -(-x.shape[1] // group)
+    xg = torch.nn.functional.pad(x.double(), (0, groups * group - x.shape[1])).view(-1, groups, group)
+    return torch.einsum("tgi,tgj->gij", xg, xg)
+
+
+def hessian_grams(hessian: torch.Tensor, group: int) -> torch.Tensor:
+    """The diagonal G x G blocks [ceil(K/G), G, G] (float64) of a [K, K] Hessian (zero-padded)."""
+    groups = -(-hessian.shape[0] // group)
+    pad = groups * group - hessian.shape[0]
+    h = torch.nn.functional.pad(hessian.double(), (0, pad, 0, pad)).view(groups, group, groups, group)
+    return torch.diagonal(h, dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+
+
 @torch.no_grad()
-def clip_scales(weight: torch.Tensor, x: torch.Tensor, bits: int, group: int,
+def clip_scales(weight: torch.Tensor, grams: torch.Tensor, bits: int, group: int,
                 grid: tuple[float, ...] = CLIP_GRID, chunk_rows: int = 1024) -> tuple[torch.Tensor, dict]:
     """fp16 scales [R, ceil(K/G)] for `weight` [R, K]: per row and group, the clip ratio r of the grid whose scale
-    r * absmax / qmax minimises ||x_g (w_g - Q(w_g))^T||^2 over the sample `x` [T, K] (1.0, plain round to nearest,
-    is always a candidate). Returns (scales, {"mean_ratio", "error_rtn", "error_clipped"}).
+    r * absmax / qmax gives the least output error d^T gram d under the group's Gram block (`grams`
+    [ceil(K/G), G, G] from `input_grams` or `hessian_grams`); 1.0, plain round to nearest, is always a candidate.
+    Returns (scales, {"mean_ratio", "error_rtn", "error_clipped"}).
     """
     rows, cols = weight.shape
     groups = -(-cols // group)
-    pad = groups * group - cols
-    w = torch.nn.functional.pad(weight.float(), (0, pad)).view(rows, groups, group)
-    xg = torch.nn.functional.pad(x.float(), (0, pad)).view(-1, groups, group).transpose(0, 1)  # [groups, T, G]
+    w = torch.nn.functional.pad(weight.float(), (0, groups * group - cols)).view(rows, groups, group)
+    grams = grams.to(w.device, torch.float32)
     absmax = w.abs().amax(-1)
     top = qmax(bits)
     best_err = torch.full((rows, groups), float("inf"), dtype=torch.float64, device=w.device)
@@ -34,9 +55,8 @@ def clip_scales(weight: torch.Tensor, x: torch.Tensor, bits: int, group: int,
         err = torch.empty(rows, groups, dtype=torch.float64, device=w.device)
         for r0 in range(0, rows, chunk_rows):
             wc, sc = w[r0:r0 + chunk_rows], scale[r0:r0 + chunk_rows].float().unsqueeze(-1)
-            delta = wc - torch.round(wc / sc).clamp(-top, top) * sc  # [r, groups, G]
-            out = torch.bmm(xg, delta.permute(1, 2, 0))  # [groups, T, r]
-            err[r0:r0 + chunk_rows] = out.double().pow(2).sum(1).T
+            delta = (wc - torch.round(wc / sc).clamp(-top, top) * sc).transpose(0, 1)  # [groups, r, G]
+            err[r0:r0 + chunk_rows] = (torch.bmm(delta, grams) * delta).sum(-1).T.double()
         if rtn_err is None:
             rtn_err = err.clone()
         better = err < best_err
@@ -48,4 +68,4 @@ def clip_scales(weight: torch.Tensor, x: torch.Tensor, bits: int, group: int,
     return best_scale, info
 
 
-__all__ = ["clip_scales", "CLIP_GRID"]
+__all__ = ["clip_scales", "input_grams", "hessian_grams", "CLIP_GRID"]

@@ -1,8 +1,9 @@
 """GPTQ (arXiv 2210.17323): round weights column by column and let the columns not yet rounded absorb each rounding
 error through the inverse Hessian of the layer's calibration inputs, so the layer's outputs change least.
 
-Scales are fixed before the walk ("static groups"): absmax/qmax of each group as round-to-nearest would choose,
-rounded to fp16, so that the stored codes times the stored scales are exactly the weights GPTQ optimised. On a
+Scales are fixed before the walk ("static groups"): absmax/qmax of each group as round-to-nearest would choose, or
+with `clip` the clipped range that least changes the group's output under the Hessian (`clip.py`), rounded to fp16
+so that the stored codes times the stored scales are exactly the weights GPTQ optimised. On a
 V:N:M-pruned weight, groups run over the *kept* values in storage order (as the artifact stores them) and the
 pruned entries are held at zero while their errors, too, flow into the kept ones (pruning and rounding compensated
 together, as SparseGPT does).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..obs import obs_solve
+from .clip import clip_scales, hessian_grams
 from .rtn import qmax, quantize_rtn
 
 
@@ -46,17 +48,23 @@ def codes_for_scales(values: torch.Tensor, scales: torch.Tensor, bits: int, grou
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group: int,
                   keep: torch.Tensor | None = None, kept_index: torch.Tensor | None = None,
-                  damp: float = 0.01, block: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  damp: float = 0.01, block: int = 128, act_order: bool = False,
+                  clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize `weight` [R, K] with GPTQ error compensation; `keep`/`kept_index` describe a V:N:M mask to hold.
 
     `act_order` rounds the input channels with the largest calibration energy (Hessian diagonal) first, so their
     errors can still be absorbed by the others; the scales stay those of the storage-order groups, so the artifact
-    needs no permutation.
+    needs no permutation. `clip` searches each group's scale on the Hessian instead of taking absmax (dense weights
+    only: a V:N:M weight's groups run over different columns per row and keep absmax).
 
     Returns (the dequantized float32 weight, whose entries are exactly code * scale and zero where pruned;
     fp16 scales [R, groups]).
     """
-    scales, scale_map = group_scales(weight, bits, group, kept_index)
+    if clip and kept_index is None:
+        scales, _ = clip_scales(weight, hessian_grams(hessian, group), bits, group)
+        scale_map = scales.float().repeat_interleave(group, dim=1)[:, :weight.shape[1]]
+    else:
+        scales, scale_map = group_scales(weight, bits, group, kept_index)
     top = qmax(bits)
     mask = None if keep is None else keep.to(weight.device)
     order = None

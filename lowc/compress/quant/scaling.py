@@ -26,7 +26,7 @@ import torch
 
 from ...kernels.reference import quantize_activations
 from ..calibration import walk_layers
-from .clip import clip_scales
+from .clip import clip_scales, input_grams
 from .rtn import quantize_rtn
 
 KINDS = ("smooth", "awq")
@@ -276,12 +276,16 @@ def scale_model(model: torch.nn.Module, ids: torch.Tensor, kind: str, schemes: d
             for group, inputs, s in folded:
                 x = torch.cat(inputs.sample).float() / group.expand(s).to(inputs.sample[0].device)
                 summary = summaries[group.prev]["clip"] = {}
+                grams: dict[int, torch.Tensor] = {}  # by group size
                 for name in group.linears:
                     scheme = schemes.get(name)
                     if scheme is None or scheme.bits is None or scheme.vnm is not None:
                         continue
+                    if scheme.group not in grams:
+                        grams[scheme.group] = input_grams(x, scheme.group)
                     scales, summary[name] = clip_scales(
-                        model.get_submodule(name).weight.detach().float(), x, scheme.bits, scheme.group)
+                        model.get_submodule(name).weight.detach().float(), grams[scheme.group],
+                        scheme.bits, scheme.group)
                     clipped[name] = scales.cpu()
 
     walk_layers(model, ids, observe, "smoothing" if kind == "smooth" else "AWQ scales", after=after,
