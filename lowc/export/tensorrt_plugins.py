@@ -130,8 +130,6 @@ def register_plugins() -> list[str]:
 
 _TRT_DTYPES = {"DataType.HALF": "float16", "DataType.BF16": "bfloat16", "DataType.FLOAT": "float32",
                "DataType.UINT8": "uint8", "DataType.INT8": "int8"}
-
-
 _AUTOTUNE_TYPES = {"float16": "FP16", "bfloat16": "BF16", "float32": "FP32", "uint8": "UINT8", "int8": "INT8"}
 
 
