@@ -115,3 +115,90 @@ def test_engine_plugin_preference_and_records():
     assert records == {"Int6Gemm": "aot", "SageAttention": "jit"}
     assert {r["implementation"] for r in plugin_records({"Int6Gemm", "VNMGemm"}, "jit")} == {"jit"}
     assert autotune_io_types(["bfloat16", "uint8", "float16"]) == "BF16,UINT8,FP16,BF16"
+
+
+# ------------------------------------------------------------------------------------------- the engine runner
+class _FakeEngine:
+    """A stand-in TensorRT engine of a one-layer decoder: input_ids [B, T], past [B, 2, P, 4] -> logits, present."""
+
+    io = {"input_ids": ((-1, -1), "INT64", "in"), "past_key_values.0.key": ((-1, 2, -1, 4), "FLOAT", "in"),
+          "logits": ((-1, -1, 10), "FLOAT", "out"), "present.0.key": ((-1, 2, -1, 4), "FLOAT", "out")}
+    num_io_tensors = 4
+
+    def __init__(self, accept_shapes=True, enqueue=True):
+        self.accept_shapes, self.enqueue = accept_shapes, enqueue
+
+    def get_tensor_name(self, i):
+        return list(self.io)[i]
+
+    def get_tensor_shape(self, name):
+        return self.io[name][0]
+
+    def get_tensor_dtype(self, name):
+        return SimpleNamespace(name=self.io[name][1])
+
+    def get_tensor_mode(self, name):
+        return self.io[name][2]
+
+    def create_execution_context(self):
+        engine = self
+
+        class Context:
+            shapes, addresses, launched = {}, {}, []
+
+            def set_input_shape(self, name, shape):
+                self.shapes[name] = shape
+                return engine.accept_shapes
+
+            def get_tensor_shape(self, name):
+                b, t = self.shapes["input_ids"]
+                past = self.shapes["past_key_values.0.key"][2]
+                return (b, t, 10) if name == "logits" else (b, 2, past + t, 4)
+
+            def set_tensor_address(self, name, address):
+                self.addresses[name] = address
+
+            def execute_async_v3(self, stream):
+                self.launched.append(stream)
+                return engine.enqueue
+
+        return Context()
+
+
+def _fake_trt(engine):
+    runtime = SimpleNamespace(deserialize_cuda_engine=lambda data: engine)
+    logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    return SimpleNamespace(Runtime=lambda log: runtime, Logger=logger,
+                           TensorIOMode=SimpleNamespace(INPUT="in", OUTPUT="out"))
+
+
+def test_engine_session_binds_every_tensor_and_drives_decoder_steps(tmp_path, monkeypatch):
+    import numpy as np
+
+    from lowc.errors import LowcError
+    from lowc.export import onnx_run, tensorrt_runner
+
+    monkeypatch.setattr(tensorrt_runner, "register_plugins", lambda: [])
+    (tmp_path / "model.engine").write_bytes(b"engine")
+    engine = _FakeEngine()
+    sess = tensorrt_runner.EngineSession(tmp_path, device="cpu", trt=_fake_trt(engine))
+    assert [t.name for t in sess.get_inputs()] == ["input_ids", "past_key_values.0.key"]
+    past = onnx_run.empty_cache(sess, batch=2)
+    assert past["past_key_values.0.key"].shape == (2, 2, 0, 4)
+    logits, present = onnx_run.decoder_step(sess, np.zeros((2, 3), dtype=np.int64), past)
+    assert logits.shape == (2, 3, 10) and present["past_key_values.0.key"].shape == (2, 2, 3, 4)
+    ctx = sess.context
+    assert ctx.shapes == {"input_ids": (2, 3), "past_key_values.0.key": (2, 2, 0, 4)}
+    assert set(ctx.addresses) == set(engine.io) and len(ctx.launched) == 1
+    logits, present = onnx_run.decoder_step(sess, np.zeros((2, 1), dtype=np.int64), present)  # one decode step
+    assert ctx.shapes["past_key_values.0.key"] == (2, 2, 3, 4) and present["past_key_values.0.key"].shape[2] == 4
+    with pytest.raises(LowcError, match="missing"):
+        sess.run(None, {"input_ids": np.zeros((1, 1), dtype=np.int64)})
+    outside = tensorrt_runner.EngineSession(tmp_path, device="cpu", trt=_fake_trt(_FakeEngine(accept_shapes=False)))
+    with pytest.raises(LowcError, match="optimization profile"):
+        outside.run(None, {"input_ids": np.zeros((1, 1), dtype=np.int64), **onnx_run.empty_cache(outside, 1)})
+    failing = tensorrt_runner.EngineSession(tmp_path, device="cpu", trt=_fake_trt(_FakeEngine(enqueue=False)))
+    with pytest.raises(LowcError, match="enqueue"):
+        failing.run(None, {"input_ids": np.zeros((1, 1), dtype=np.int64), **onnx_run.empty_cache(failing, 1)})
+    with pytest.raises(LowcError, match="no TensorRT engine"):
+        tensorrt_runner.EngineSession(tmp_path / "nowhere", device="cpu", trt=_fake_trt(engine))
