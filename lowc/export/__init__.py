@@ -25,6 +25,7 @@ from ..artifact import open_artifact, sha256_file
 from ..errors import LowcError, UsageError
 
 TARGETS = ("onnx", "trt")
+PLUGIN_IMPLEMENTATIONS = ("aot", "jit")  # TensorRT GEMM plugins: PTX in the engine, or Python callbacks
 MANIFEST = "export_manifest.json"
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
@@ -109,8 +110,8 @@ def export(artifact_path: str | Path, target: str = "onnx", output: str | Path |
     except ImportError:
         raise LowcError("ONNX export needs the onnx package: pip install onnx onnxruntime "
                         "(or pip install 'lowc[onnx]')") from None
-    if trt_plugins not in ("aot", "jit"):
-        raise UsageError(f"--trt-plugins: expected aot or jit, got {trt_plugins!r}")
+    if trt_plugins not in PLUGIN_IMPLEMENTATIONS:
+        raise UsageError(f"--trt-plugins: expected one of {', '.join(PLUGIN_IMPLEMENTATIONS)}, got {trt_plugins!r}")
     if target == "trt":
         from .tensorrt_engine import require_tensorrt
 
@@ -175,4 +176,4 @@ def export(artifact_path: str | Path, target: str = "onnx", output: str | Path |
     return out
 
 
-__all__ = ["export", "ExportError", "TARGETS", "MANIFEST", "MODEL_FILE"]
+__all__ = ["export", "ExportError", "TARGETS", "PLUGIN_IMPLEMENTATIONS", "MANIFEST", "MODEL_FILE"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..console import format_bytes as _fmt_bytes
-from . import MANIFEST, TARGETS
+from . import MANIFEST, PLUGIN_IMPLEMENTATIONS, TARGETS
 from . import export as export_artifact
 
 
@@ -23,7 +23,7 @@ from . import export as export_artifact
               help="Store modules the target cannot express (INT2/INT3 weights) as dequantized float32 weights "
                    "instead of failing; they are listed in export_manifest.json.")
 @click.option("--opset", type=int, default=21, show_default=True, help="ONNX opset to write (21 to 23).")
-@click.option("--trt-plugins", type=click.Choice(("aot", "jit")), default="aot", show_default=True,
+@click.option("--trt-plugins", type=click.Choice(PLUGIN_IMPLEMENTATIONS), default="aot", show_default=True,
               help="With --target trt: aot embeds the GEMM plugins' compiled kernels in the engine (no Python at run "
                    "time); jit runs every plugin through its Python implementation. SageAttention is always jit.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is an existing lowc export.")

@@ -200,36 +200,12 @@ def run_aot(kernel: AotKernel, launch: AotLaunch, inputs: Sequence, out) -> None
     """Launch `kernel` on torch's current stream as TensorRT would: grid and scalars from `launch` (ints), the
     arguments (input pointers..., int32 scalars..., output pointer). Needs CUDA and cuda.core."""
     import numpy as np
-    import torch
 
-    try:
-        from cuda.core import Device, LaunchConfig, ObjectCode, launch as cu_launch
-    except ImportError:
-        from cuda.core.experimental import Device, LaunchConfig, ObjectCode, launch as cu_launch
-    dev = Device(torch.cuda.current_device())
-    dev.set_current()
-    code = _loaded(kernel.ptx, ObjectCode)
-    fn = code.get_kernel(kernel.name)
-    handle = torch.cuda.current_stream().cuda_stream
-    stream = dev.default_stream if handle == 0 else dev.create_stream(_TorchStream(handle))
-    config = LaunchConfig(grid=tuple(int(g) for g in launch.grid), block=kernel.block, shmem_size=kernel.shared)
-    args = [t.data_ptr() for t in inputs] + [np.int32(s) for s in launch.scalars] + [out.data_ptr()]
-    cu_launch(stream, config, fn, *args)
+    from ..kernels.cuda_build import cuda_core_backend
 
-
-class _TorchStream:
-    """A torch stream handle for cuda.core (the __cuda_stream__ protocol)."""
-
-    def __init__(self, handle: int):
-        self.handle = handle
-
-    def __cuda_stream__(self):
-        return (0, self.handle)
-
-
-@functools.lru_cache(maxsize=None)
-def _loaded(ptx: str, object_code):
-    return object_code.from_ptx(ptx.encode())
+    args = (*(t.data_ptr() for t in inputs), *(np.int32(s) for s in launch.scalars), out.data_ptr())
+    cuda_core_backend().launch_ptx(kernel.ptx, kernel.name, tuple(int(g) for g in launch.grid), kernel.block, args,
+                                   kernel.shared)
 
 
 if __name__ == "__main__":  # python -m lowc.export.tensorrt_aot '[kernel, constexprs, signature, arch, warps]'

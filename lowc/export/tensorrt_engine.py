@@ -17,12 +17,12 @@ from pathlib import Path
 import onnx
 
 from ..errors import LowcError, UsageError
+from . import PLUGIN_IMPLEMENTATIONS
 from .tensorrt_plugins import plugin_records, register_plugins
 
 ENGINE_FILE = "model.engine"
 PLUGINS_FILE = "plugins.json"
 MIN_TENSORRT = (10, 9)  # tensorrt.plugin with aot_impl and the PREFER_AOT/JIT_PYTHON_PLUGINS network flags
-PLUGIN_IMPLEMENTATIONS = ("aot", "jit")
 
 
 def require_tensorrt():

@@ -107,6 +107,7 @@ class _CudaCoreBackend(Backend):
         self._devices: dict[int, object] = {}
         self._streams: dict[tuple, object] = {}
         self._modules: list = []  # keep loaded modules alive
+        self._ptx: dict[str, object] = {}  # PTX text -> loaded module (launch_ptx)
 
     def _device(self):
         idx = torch.cuda.current_device()
@@ -144,7 +145,8 @@ class _CudaCoreBackend(Backend):
         self._modules.append(obj)
         return ker
 
-    def _stream(self):
+    def stream(self):
+        """torch's current stream as a cuda.core stream (one wrapper per torch stream)."""
         s = torch.cuda.current_stream()
         key = (s.device_index, s.cuda_stream)
         st = self._streams.get(key)
@@ -165,7 +167,17 @@ class _CudaCoreBackend(Backend):
     def launch(self, kernel, grid, block, args, shmem=0):
         cfg = self._api["LaunchConfig"](grid=grid, block=block, shmem_size=shmem)
         # every kernel parameter is 8 bytes wide: cuda.core passes Python ints as intptr_t
-        self._api["launch"](self._stream(), cfg, kernel, *[int(a) for a in args])
+        self._api["launch"](self.stream(), cfg, kernel, *[int(a) for a in args])
+
+    def launch_ptx(self, ptx: str, name: str, grid: tuple, block: int, args: tuple, shmem: int = 0) -> None:
+        """Load PTX (once per text) and launch its kernel `name` on torch's current stream with `args` as given
+        (numpy scalars keep their width, e.g. np.int32 for a .u32 parameter; ints are pointers)."""
+        self._device()
+        obj = self._ptx.get(ptx)
+        if obj is None:
+            obj = self._ptx[ptx] = self._api["ObjectCode"].from_ptx(ptx.encode())
+        cfg = self._api["LaunchConfig"](grid=grid, block=block, shmem_size=shmem)
+        self._api["launch"](self.stream(), cfg, obj.get_kernel(name), *args)
 
 
 class _CupyBackend(Backend):
@@ -195,6 +207,14 @@ class _CupyBackend(Backend):
 
 
 _BACKEND: list[Backend] = []
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_core_backend() -> "_CudaCoreBackend":
+    """The cuda.core backend whatever `backend()` chose (launch_ptx needs cuda.core)."""
+    if _BACKEND and isinstance(_BACKEND[0], _CudaCoreBackend):
+        return _BACKEND[0]
+    return _CudaCoreBackend()
 
 
 def backend() -> Backend:

@@ -18,6 +18,11 @@ from .clip import clip_scales, hessian_grams
 from .rtn import qmax, quantize_rtn
 
 
+def per_column(scales: torch.Tensor, group: int, columns: int) -> torch.Tensor:
+    """float32 [R, columns]: each column's group scale from fp16 scales [R, ceil(columns/G)]."""
+    return scales.float().repeat_interleave(group, dim=1)[:, :columns]
+
+
 def group_scales(weight: torch.Tensor, bits: int, group: int,
                  kept_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest scales for `weight` [R, K]: (fp16 scales [R, ceil(n/G)], float32 per-entry map [R, K]).
@@ -29,12 +34,12 @@ def group_scales(weight: torch.Tensor, bits: int, group: int,
     w = weight.float()
     if kept_index is None:
         _, scales = quantize_rtn(w, bits, group)
-        return scales, scales.float().repeat_interleave(group, dim=1)[:, :cols]
+        return scales, per_column(scales, group, cols)
     padded_cols = max(cols, int(kept_index.max()) + 1 if kept_index.numel() else cols)
     padded = torch.nn.functional.pad(w, (0, padded_cols - cols))
     values = torch.gather(padded, 1, kept_index)
     _, scales = quantize_rtn(values, bits, group)
-    per_value = scales.float().repeat_interleave(group, dim=1)[:, :values.shape[1]]
+    per_value = per_column(scales, group, values.shape[1])
     full = torch.ones(rows, padded_cols, dtype=torch.float32, device=w.device)
     full.scatter_(1, kept_index, per_value)
     return scales, full[:, :cols]
@@ -42,8 +47,8 @@ def group_scales(weight: torch.Tensor, bits: int, group: int,
 
 def codes_for_scales(values: torch.Tensor, scales: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """int8 codes of `values` [R, n] under given fp16 group scales [R, ceil(n/G)] (clamped to the symmetric range)."""
-    per_value = scales.float().repeat_interleave(group, dim=1)[:, :values.shape[1]]
-    return torch.round(values.float() / per_value).clamp(-qmax(bits), qmax(bits)).to(torch.int8)
+    codes = torch.round(values.float() / per_column(scales, group, values.shape[1]))
+    return codes.clamp(-qmax(bits), qmax(bits)).to(torch.int8)
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group: int,
@@ -62,7 +67,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group:
     """
     if clip and kept_index is None:
         scales, _ = clip_scales(weight, hessian_grams(hessian, group), bits, group)
-        scale_map = scales.float().repeat_interleave(group, dim=1)[:, :weight.shape[1]]
+        scale_map = per_column(scales, group, weight.shape[1])
     else:
         scales, scale_map = group_scales(weight, bits, group, kept_index)
     top = qmax(bits)
