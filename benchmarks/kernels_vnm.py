@@ -103,7 +103,7 @@ def int8_reference(x: torch.Tensor, dense: torch.Tensor, scales: torch.Tensor) -
 def clone_weight(w):
     if isinstance(w, VNMInt8Weight):
         return VNMInt8Weight(w.v, w.m, w.rows, w.cols, w.kb, w.kb_pad, w.columns.clone(), w.values.clone(),
-                             w.meta.clone(), w.scales.clone(), w.meta_mode)
+                             w.meta.clone(), w.scales.clone(), w.meta_mode, w.group_pairs)
     return VNMKernelWeight(w.v, w.m, w.rows, w.cols, w.kb, w.kb_pad, w.columns.clone(), w.values.clone(),
                            w.meta.clone())
 

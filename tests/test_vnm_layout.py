@@ -214,9 +214,30 @@ def test_int8_metadata_words_hand_made():
         assert frag[4 * g + t, :8].tolist() == expect
 
 
+@pytest.mark.parametrize("v,m,rows,cols,group", [(16, 5, 40, 300, 32), (64, 5, 70, 700, 128), (32, 8, 33, 900, 64)])
+def test_int8_group_scales_emulation_matches_reference(v, m, rows, cols, group):
+    """Group-wise scales over the kept values (the last group shorter, padding groups past it): the kernel's math
+    scales each group's integer sums, which must equal x_q . (codes * their group's scale)^T."""
+    codes, _, columns, positions = random_int8(rows, cols, v, m, seed=cols)
+    n_groups = -(-codes.shape[1] // group)
+    scales = torch.rand(rows, n_groups, generator=torch.Generator().manual_seed(2)) * 0.01 + 1e-4
+    w = to_vnm_int8_layout(codes, scales, columns, positions, v, m, (rows, cols), group=group)
+    assert w.group_pairs == group // 32 and w.scales.shape[1] == w.rows_pad
+    values = codes.double() * scales.double().repeat_interleave(group, dim=1)[:, :codes.shape[1]]
+    dense = vnm_to_dense(values, columns, positions, v, m, (rows, cols))
+    xq = torch.randint(-127, 128, (3, cols), generator=torch.Generator().manual_seed(1)).to(torch.int8)
+    xs = torch.rand(3)
+    ref = (xq.double() @ dense.t()).float() * xs[:, None]
+    torch.testing.assert_close(emulate_spmm_int8(xq, xs, w), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_int8_group_scales_rejected():
     codes, scales, columns, positions = random_int8(40, 37, 16, 5)
-    with pytest.raises(ValueError, match="one scale per row"):
+    with pytest.raises(ValueError, match="multiple of 32"):
         to_vnm_int8_layout(codes, scales.view(-1, 1).expand(-1, 2), columns, positions, 16, 5, (40, 37))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        to_vnm_int8_layout(codes, scales.view(-1, 1).expand(-1, 2), columns, positions, 16, 5, (40, 37), group=8)
+    with pytest.raises(ValueError, match="scales must be"):
+        to_vnm_int8_layout(codes, scales.view(-1, 1).expand(-1, 2), columns, positions, 16, 5, (40, 37), group=64)
     with pytest.raises(ValueError, match="meta_mode"):
         to_vnm_int8_layout(codes, scales, columns, positions, 16, 5, (40, 37), meta_mode="diag")

@@ -46,9 +46,10 @@ def test_cpu_raises_clear_error():
         vnm_spmm(torch.randn(3, 50).to(torch.bfloat16), w)
 
 
-@pytest.mark.parametrize("half,ordered,int8", [(False, True, False), (True, True, False), (False, False, False),
-                                               (False, True, True)])
-def test_cuda_source_compiles_with_nvcc(tmp_path, half, ordered, int8):
+@pytest.mark.parametrize("half,ordered,int8,group_pairs", [(False, True, False, 0), (True, True, False, 0),
+                                                           (False, False, False, 0), (False, True, True, 0),
+                                                           (False, True, True, 4)])
+def test_cuda_source_compiles_with_nvcc(tmp_path, half, ordered, int8, group_pairs):
     """CI syntax check: nvcc compiles the kernel source for sm_90a for the configs the runtime picks."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -61,8 +62,8 @@ def test_cuda_source_compiles_with_nvcc(tmp_path, half, ordered, int8):
         configs += [VNMConfig(4, 1, 2, 4), VNMConfig(2, 1, 4, 2), VNMConfig(4, 2, 8, 2), VNMConfig(1, 1, 8, 2),
                     VNMConfig(1, 1, 2, 4, xt=True)]
     for cfg in configs:
-        path = tmp_path / f"k{cfg.wr}{cfg.wt}{cfg.nt}{cfg.kcp}{int(cfg.xt)}{int(int8)}.cu"
-        path.write_text(vnm_mod._defines(half, cfg, ordered, int8) + src)
+        path = tmp_path / f"k{cfg.wr}{cfg.wt}{cfg.nt}{cfg.kcp}{int(cfg.xt)}{int(int8)}{group_pairs}.cu"
+        path.write_text(vnm_mod._defines(half, cfg, ordered, int8, group_pairs) + src)
         proc = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90a", "-cubin", "-o", str(path.with_suffix(".cubin")),
                                str(path)], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"nvcc failed for {cfg}:\n{proc.stderr[-3000:]}"
@@ -154,3 +155,25 @@ def test_int8_matches_reference(v, m, tokens):
     q, s = quantize_activations(x, 8)
     ref = (q.double() @ dense.t()).float() * s[:, None] * scales + bias.float()
     check(vnm_spmm_int8(x, w, bias), ref, f"int8 V={v} M={m} T={tokens}")
+
+
+@cuda_only
+@pytest.mark.parametrize("v,m,group", [(64, 5, 128), (32, 8, 64), (64, 16, 32)])
+@pytest.mark.parametrize("tokens", [1, 16, 100])
+def test_int8_group_scales_match_reference(v, m, group, tokens):
+    """Group-wise scales (INT6 g128 kept values as an artifact stores them), with every split-K factor: a group
+    cut between two CTAs is scaled by both."""
+    rows, cols = 2 * v + 21, 97 * m + 1
+    g = torch.Generator().manual_seed(v + m + tokens)
+    columns, positions, padding = random_vnm_pattern(rows, cols, v, m, g)
+    codes = torch.randint(-31, 32, (rows, 2 * (-(-cols // m))), generator=g).to(torch.int8).masked_fill(padding, 0)
+    scales = torch.rand(rows, -(-codes.shape[1] // group), generator=g) * 1e-3 + 1e-4
+    w = to_vnm_int8_layout(codes, scales, columns, positions, v, m, (rows, cols), group=group).to("cuda")
+    values = codes.double() * scales.double().repeat_interleave(group, dim=1)[:, :codes.shape[1]]
+    dense = vnm_to_dense(values, columns, positions, v, m, (rows, cols)).cuda()
+    x = torch.randn(tokens, cols, device="cuda").to(torch.bfloat16)
+    q, s = quantize_activations(x, 8)
+    ref = (q.double() @ dense.t()).float() * s[:, None]
+    for split in (1, 3, 0):
+        cfg = vnm_mod.pick_config_int8(tokens, w)._replace(split_k=split)
+        check(vnm_spmm_int8(x, w, config=cfg), ref, f"int8 groups V={v} M={m} g={group} T={tokens} split={split}")

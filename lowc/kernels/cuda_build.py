@@ -206,6 +206,25 @@ class _CupyBackend(Backend):
             kernel(grid, block, tuple(np.int64(a) for a in args), shared_mem=shmem)
 
 
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def tile_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 split-K tile counters for the current stream (lowc's CUDA GEMMs let the last CTA of a tile to
+    finish sum the others' partials, counted here). Kernels leave them zero, so one buffer per (device, stream) is
+    reused by every launch on that stream (launches on one stream never overlap). A buffer allocated during
+    CUDA-graph capture belongs to the graph's pool and is not kept."""
+    stream = torch.cuda.current_stream(device)
+    key = (stream.device_index, stream.cuda_stream)
+    buf = _COUNTERS.get(key)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    buf = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
+    if not torch.cuda.is_current_stream_capturing():
+        _COUNTERS[key] = buf
+    return buf
+
+
 _BACKEND: list[Backend] = []
 
 
@@ -215,6 +234,18 @@ def cuda_core_backend() -> "_CudaCoreBackend":
     if _BACKEND and isinstance(_BACKEND[0], _CudaCoreBackend):
         return _BACKEND[0]
     return _CudaCoreBackend()
+
+
+@functools.cache
+def available() -> bool:
+    """True where lowc's CUDA C++ kernels can run: a GPU of compute capability >= 8.0 and an NVRTC backend."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        return False
+    try:
+        backend()
+    except RuntimeError:
+        return False
+    return True
 
 
 def backend() -> Backend:

@@ -272,7 +272,9 @@ DEFAULT_META_MODE = "rows"  # the reading the hardware uses (measured on an H100
 class VNMInt8Weight:
     """INT8 V:N:M weight in the m16n8k32 kernel layout: codes in fragment order [Rp/16, kb_pad/16, 32, 16] int8,
     metadata int32 [Rp/16, kb_pad/16, 8, 2 (lane 4g+h), 2 (k32 step)], gathered columns as for 16-bit values,
-    per-row fp32 weight scales [Rp] (y = scale_row * scale_token * sum of integer products)."""
+    per-row fp32 weight scales [Rp] (y = scale_row * scale_token * sum of integer products), or with
+    `group_pairs` > 0 group-wise scales [groups, Rp], a group being 32 * group_pairs consecutive kept values of a
+    row (group_pairs k32-step pairs: y = scale_token * sum over groups of scale_group * integer products)."""
 
     v: int
     m: int
@@ -285,6 +287,7 @@ class VNMInt8Weight:
     meta: torch.Tensor
     scales: torch.Tensor
     meta_mode: str = "cols"
+    group_pairs: int = 0
 
     @property
     def rows_pad(self) -> int:
@@ -296,20 +299,30 @@ class VNMInt8Weight:
 
     def to(self, device=None) -> "VNMInt8Weight":
         return VNMInt8Weight(self.v, self.m, self.rows, self.cols, self.kb, self.kb_pad, self.columns.to(device),
-                             self.values.to(device), self.meta.to(device), self.scales.to(device), self.meta_mode)
+                             self.values.to(device), self.meta.to(device), self.scales.to(device), self.meta_mode,
+                             self.group_pairs)
 
 
 def to_vnm_int8_layout(codes: torch.Tensor, scales: torch.Tensor, columns: torch.Tensor, positions: torch.Tensor,
-                       v: int, m: int, shape: tuple[int, int], meta_mode: str = DEFAULT_META_MODE) -> VNMInt8Weight:
-    """Canonical INT8 V:N:M storage (codes int8 [R, 2Kb] = `qweight` of bits 8, per-row `scales` [R] or [R, 1])
-    -> kernel layout. Group-wise scales (several per row) are not supported by the INT8 kernel."""
+                       v: int, m: int, shape: tuple[int, int], meta_mode: str = DEFAULT_META_MODE,
+                       group: int | None = None) -> VNMInt8Weight:
+    """Canonical V:N:M storage with integer values of up to 8 bits (codes int8 [R, 2Kb], e.g. `unpack_int` of an
+    INT6 `qweight`) and per-row `scales` [R] or [R, 1] -> kernel layout; or group-wise `scales` [R, ceil(2Kb /
+    group)] with `group` (kept values per scale, a multiple of 32: the kernel scales whole k32-step pairs)."""
     if meta_mode not in META_MODES:
         raise ValueError(f"meta_mode must be one of {META_MODES}, got {meta_mode!r}")
     rows, cols = shape
-    if scales.dim() == 2:
-        if scales.shape[1] != 1:
-            raise ValueError(f"the INT8 V:N:M kernel needs one scale per row, got {scales.shape[1]} groups per row")
+    group_pairs = 0
+    if scales.dim() == 2 and scales.shape[1] == 1:
         scales = scales[:, 0]
+    elif scales.dim() == 2:
+        if group is None or group % 32:
+            raise ValueError(f"the INT8 V:N:M kernel takes group-wise scales only for groups of a multiple of 32 "
+                             f"kept values; got {scales.shape[1]} groups per row, group={group}")
+        if scales.shape[1] != -(-codes.shape[1] // group):
+            raise ValueError(f"scales must be [{rows}, {-(-codes.shape[1] // group)}] for group {group}, got "
+                             f"{list(scales.shape)}")
+        group_pairs = group // 32
     base = to_vnm_kernel_layout(codes.to(torch.float32), columns, positions, v, m, shape, dtype=torch.float32)
     kbp = base.kb_pad
     nrt, kp2 = base.rows_pad // 16, kbp // 16
@@ -331,9 +344,13 @@ def to_vnm_int8_layout(codes: torch.Tensor, scales: torch.Tensor, columns: torch
         words = (nib << shift).sum(dim=5)  # [rt, h, g, kp, stl]
         words = words.permute(0, 3, 2, 1, 4)  # [rt, kp, g, lane h, stl]
     meta = _to_int32_bits(words).contiguous()
-    sc = torch.ones(base.rows_pad, dtype=torch.float32, device=dev)
-    sc[:rows] = scales.to(dev).float()
-    return VNMInt8Weight(v, m, rows, cols, base.kb, kbp, base.columns, frag, meta, sc, meta_mode)
+    if group_pairs:  # [groups over the padded kept values, Rp], padding groups and rows 1 (their codes are 0)
+        sc = torch.ones(-(-2 * kbp // (32 * group_pairs)), base.rows_pad, dtype=torch.float32, device=dev)
+        sc[:scales.shape[1], :rows] = scales.to(dev).float().t()
+    else:
+        sc = torch.ones(base.rows_pad, dtype=torch.float32, device=dev)
+        sc[:rows] = scales.to(dev).float()
+    return VNMInt8Weight(v, m, rows, cols, base.kb, kbp, base.columns, frag, meta, sc, meta_mode, group_pairs)
 
 
 def decode_gathered_int8(w: VNMInt8Weight) -> torch.Tensor:
@@ -360,14 +377,19 @@ def decode_gathered_int8(w: VNMInt8Weight) -> torch.Tensor:
 
 def emulate_spmm_int8(xq: torch.Tensor, xs: torch.Tensor, w: VNMInt8Weight, bias: torch.Tensor | None = None):
     """The INT8 kernel's math on CPU: (gathered int8 codes of x) . (decoded codes)^T, exact in float64, times the
-    token scale and the row scale (+ bias); float32 [T, rows]."""
+    token scale and the row scale, or with group-wise scales each group's part times its scale (+ bias); float32
+    [T, rows]."""
     x2 = xq.reshape(-1, xq.shape[-1]).double().cpu()
     xp = torch.nn.functional.pad(x2, (0, 1))
     idx = w.columns.long().cpu().clamp(max=x2.shape[1])
     dense = decode_gathered_int8(w).double()
+    if w.group_pairs:  # gathered column gc lies in k32-step pair gc // 64
+        group = torch.arange(dense.shape[1]) // (64 * w.group_pairs)
+        dense = dense * w.scales.double().cpu()[group].t()
     xg = xp[:, idx]  # [T, Rp/V, K']
     acc = torch.einsum("tbk,bvk->tbv", xg, dense.reshape(idx.shape[0], w.v, -1)).reshape(x2.shape[0], -1)
-    y = acc[:, :w.rows].float() * xs.reshape(-1, 1).float().cpu() * w.scales[:w.rows].float().cpu()
+    row_scales = 1.0 if w.group_pairs else w.scales[:w.rows].float().cpu()
+    y = acc[:, :w.rows].float() * xs.reshape(-1, 1).float().cpu() * row_scales
     if bias is not None:
         y = y + bias.float().cpu()
     return y

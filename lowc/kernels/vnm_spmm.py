@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 
 from . import cuda_build
-from .cuda_build import backend, check_operands
+from .cuda_build import available, backend, check_operands, tile_counters  # noqa: F401 - available: re-export
 from .vnm_layout import VNMInt8Weight, VNMKernelWeight
 
 KERNEL_NAME = "lowc_vnm_spmm"
@@ -70,18 +70,20 @@ def _min_blocks(cfg: VNMConfig) -> int:
     return max(1, 512 // threads)
 
 
-def _defines(half: bool, cfg: VNMConfig, ordered: bool, int8: bool = False) -> str:
-    return (f"#define LOWC_HALF {int(half)}\n#define LOWC_INT8 {int(int8)}\n#define LOWC_WR {cfg.wr}\n"
+def _defines(half: bool, cfg: VNMConfig, ordered: bool, int8: bool = False, group_pairs: int = 0) -> str:
+    return (f"#define LOWC_HALF {int(half)}\n#define LOWC_INT8 {int(int8)}\n#define LOWC_GP {group_pairs}\n"
+            f"#define LOWC_WR {cfg.wr}\n"
             f"#define LOWC_WT {cfg.wt}\n"
             f"#define LOWC_NT {cfg.nt}\n#define LOWC_KCP {cfg.kcp}\n#define LOWC_XT {int(bool(cfg.xt))}\n"
             f"#define LOWC_MINB {_min_blocks(cfg)}\n#define LOWC_ORDERED {int(ordered)}\n")
 
 
-def _kernel(half: bool, cfg: VNMConfig, int8: bool = False):
+def _kernel(half: bool, cfg: VNMConfig, int8: bool = False, group_pairs: int = 0):
     """The compiled kernel of one variant; ::ordered_metadata needs PTX ISA 8.5, plain mma.sp is the fallback
     (lowc's metadata is ascending, so both read it the same)."""
-    return backend().kernel(KERNEL_NAME_S8 if int8 else KERNEL_NAME, (half, cfg.variant),
-                            lambda: [_defines(half, cfg, ordered, int8) + kernel_source() for ordered in (True, False)],
+    return backend().kernel(KERNEL_NAME_S8 if int8 else KERNEL_NAME, (half, cfg.variant, group_pairs),
+                            lambda: [_defines(half, cfg, ordered, int8, group_pairs) + kernel_source()
+                                     for ordered in (True, False)],
                             "vnm_spmm")
 
 
@@ -158,7 +160,7 @@ def vnm_spmm(x: torch.Tensor, w: VNMKernelWeight, bias: torch.Tensor | None = No
     ws = counters = None
     if split > 1:
         ws = torch.empty(split, tokens, w.rows, device=x.device, dtype=torch.float32)
-        counters = _counters(grid_x * grid_y, x.device)
+        counters = tile_counters(grid_x * grid_y, x.device)
     if cfg.xt:  # x^T [K, tokens rounded up to 8], zero past the last token: the gather copies 16-byte rows
         tp = -(-tokens // 8) * 8
         xin = torch.nn.functional.pad(x2, (0, 0, 0, tp - tokens)).t().contiguous() if tp != tokens \
@@ -172,24 +174,6 @@ def vnm_spmm(x: torch.Tensor, w: VNMKernelWeight, bias: torch.Tensor | None = No
             tokens, w.cols, w.rows, w.v, kp, ldx, w.rows, per_split, int(bias is not None))
     backend().launch(kernel, (grid_x, grid_y, split), (32 * cfg.wr * cfg.wt, 1, 1), args)
     return y.reshape(out_shape)
-
-
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
-def _counters(n: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 split-K tile counters for the current stream; the kernel leaves them zero, so one buffer per
-    (device, stream) is reused by every launch on that stream (launches on one stream never overlap). A buffer
-    allocated during CUDA-graph capture belongs to the graph's pool and is not kept."""
-    stream = torch.cuda.current_stream(device)
-    key = (stream.device_index, stream.cuda_stream)
-    buf = _COUNTERS.get(key)
-    if buf is not None and buf.numel() >= n:
-        return buf
-    buf = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
-    if not torch.cuda.is_current_stream_capturing():
-        _COUNTERS[key] = buf
-    return buf
 
 
 def vnm_linear_reference(x: torch.Tensor, w: VNMKernelWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -216,7 +200,7 @@ def vnm_spmm_int8(x: torch.Tensor, w: VNMInt8Weight, bias: torch.Tensor | None =
                   config: VNMConfig | None = None, act_bits: int = 8) -> torch.Tensor:
     """y = s_x * (q_x . Wq^T) * s_w (+ bias) on sparse INT8 tensor cores (mma.sp m16n8k32 s8, int32 accumulation):
     x [..., K] bf16/fp16 is quantized per token (FORMAT.md's A8/A6 rule, `wa8_gemm.quantize_rows`), the weight is
-    an INT8 V:N:M layout with per-row scales. Returns x's dtype, [..., R]."""
+    an INT8 V:N:M layout with per-row or group-wise scales. Returns x's dtype, [..., R]."""
     check_operands("vnm_spmm_int8", x, w.values, w.cols, w.rows, bias, "sparse tensor cores",
                    "lowc.kernels.reference.packed_linear")
     from .wa8_gemm import quantize_rows
@@ -241,15 +225,16 @@ def vnm_spmm_int8(x: torch.Tensor, w: VNMInt8Weight, bias: torch.Tensor | None =
     split = -(-nchunks // per_split)
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
-    kernel = _kernel(x.dtype == torch.float16, cfg._replace(xt=False), int8=True)
+    kernel = _kernel(x.dtype == torch.float16, cfg._replace(xt=False), int8=True, group_pairs=w.group_pairs)
     y = torch.empty(tokens, w.rows, device=x.device, dtype=x.dtype)
     ws = counters = None
     if split > 1:
-        ws = torch.empty(split, tokens, w.rows, device=x.device, dtype=torch.int32)
-        counters = _counters(grid_x * grid_y, x.device)
+        ws = torch.empty(split, tokens, w.rows, device=x.device,
+                         dtype=torch.float32 if w.group_pairs else torch.int32)
+        counters = tile_counters(grid_x * grid_y, x.device)
     args = (xq.data_ptr(), w.values.data_ptr(), w.meta.data_ptr(), w.columns.data_ptr(), xs.data_ptr(),
             w.scales.data_ptr(), bias.data_ptr() if bias is not None else 0, y.data_ptr(),
             0 if ws is None else ws.data_ptr(), 0 if counters is None else counters.data_ptr(),
-            tokens, w.cols, w.rows, w.v, kp, xq.stride(0), w.rows, per_split, int(bias is not None))
+            tokens, w.cols, w.rows, w.v, kp, xq.stride(0), w.rows, per_split, int(bias is not None), w.rows_pad)
     backend().launch(kernel, (grid_x, grid_y, split), (32 * cfg.wr * cfg.wt, 1, 1), args)
     return y.reshape(out_shape)

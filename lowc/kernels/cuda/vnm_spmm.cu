@@ -338,10 +338,21 @@ lowc_vnm_spmm(const u16* __restrict__ x,      // X [T, K] (row stride ldx), or X
 // k32 steps; meta [Rp/16][KP][8 quads][2 lanes 4g+h] uint2 = the two steps' words for that lane; KP = kb_pad/16
 // pairs of k32 steps (64 gathered columns). X is gathered token-major as bytes; B registers are the 4 codes at
 // gathered columns 4t..4t+3 and 4t+16..4t+19 of token g. Same CTA / split-K / pipelining scheme as above.
+// LOWC_GP > 0: group-wise weight scales instead of per-row ones, one per LOWC_GP k32-step pairs (32*GP kept values
+// of a row) in wsc [groups][Rp]: the int32 sums of a group are scaled into fp32 accumulators when the group (or
+// the CTA's share of it) ends, and split-K partials are fp32.
 #if LOWC_ORDERED
 #define LOWC_MMA_SP_S8 "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
 #else
 #define LOWC_MMA_SP_S8 "mma.sp.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+#endif
+#ifndef LOWC_GP
+#define LOWC_GP 0
+#endif
+#if LOWC_GP
+typedef float part_t;
+#else
+typedef int part_t;
 #endif
 #define KC8 (64 * KCP)   // gathered columns (bytes) per chunk
 #define LDS8 (KC8 + 16)  // byte stride of a token row: (KC8 + 16) / 4 words = 4 (mod 32) -> 4g + t banks
@@ -352,11 +363,13 @@ static __device__ __forceinline__ void lowc_mma_sp_s8(int* d, u32 a0, u32 a1, u3
                  : "r"(a0), "r"(a1), "r"(b0), "r"(b1), "r"(e));
 }
 
-static __device__ __forceinline__ int lowc_ld_cg_s32(const int* p) {
+static __device__ __forceinline__ int lowc_ld_part(const int* p) {
     int v;
     asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
+
+static __device__ __forceinline__ float lowc_ld_part(const float* p) { return lowc_ld_cg(p); }
 
 extern "C" __global__ void __launch_bounds__(WR * WT * 32, LOWC_MINB)
 lowc_vnm_spmm_s8(const unsigned char* __restrict__ x,  // Xq [T, K] int8 codes, row stride ldx
@@ -364,13 +377,13 @@ lowc_vnm_spmm_s8(const unsigned char* __restrict__ x,  // Xq [T, K] int8 codes, 
                  const uint2* __restrict__ meta,        // [Rp/16, KP, 8, 2]
                  const int* __restrict__ cols,          // [Rp/V, 64*KP]
                  const float* __restrict__ xs,          // [T] token scales
-                 const float* __restrict__ wsc,         // [Rp] row scales
+                 const float* __restrict__ wsc,         // [Rp] row scales, or [groups][Rp] with LOWC_GP
                  const u16* __restrict__ bias,          // [R] or unused
                  u16* __restrict__ y,                   // [T, R], row stride ldy
-                 int* __restrict__ ws,                  // split-K: [gridDim.z, T, R] int32 partial sums
+                 part_t* __restrict__ ws,               // split-K: [gridDim.z, T, R] partial sums
                  int* __restrict__ counters,            // split-K: [gridDim.x * gridDim.y], zero; left zero
                  i64 T_, i64 K_, i64 R_, i64 V_, i64 KP_, i64 ldx_, i64 ldy_, i64 chunks_per_split_,
-                 i64 has_bias_) {
+                 i64 has_bias_, i64 R_pad_) {
     const int T = (int)T_, K = (int)K_, R = (int)R_, V = (int)V_, KP = (int)KP_;
     const int chunks_per_split = (int)chunks_per_split_;
     __shared__ __align__(16) unsigned char sx[BT * LDS8];
@@ -394,6 +407,26 @@ lowc_vnm_spmm_s8(const unsigned char* __restrict__ x,  // Xq [T, K] int8 codes, 
     for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[n][i] = 0;
+#if LOWC_GP
+    float accf[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) accf[n][i] = 0.f;
+    const int rg = rt * 16 + g;  // this lane's rows rg, rg + 8 (< Rp: scales are padded)
+    const int p_end = c_end * KCP;  // the CTA's last pair + 1: a group cut by the split is flushed here
+    auto flush = [&](int pair) {  // scale the int32 sums of the group holding `pair` into accf
+        const float* sg = wsc + (size_t)(pair / LOWC_GP) * (size_t)R_pad_ + rg;
+        const float s0 = __ldg(sg), s1 = __ldg(sg + 8);
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                accf[n][i] += (float)acc[n][i] * (i < 2 ? s0 : s1);
+                acc[n][i] = 0;
+            }
+    };
+#endif
 
     constexpr int NTH = WR * WT * 32;
     constexpr int G_ITEMS = BT * (KC8 / 4);
@@ -474,6 +507,10 @@ lowc_vnm_spmm_s8(const unsigned char* __restrict__ x,  // Xq [T, K] int8 codes, 
                     lowc_mma_sp_s8(acc[n], a0, a1, b0, b1, em);
                 }
             }
+#if LOWC_GP
+            const int pair = c * KCP + p;
+            if ((pair + 1) % LOWC_GP == 0 || pair + 1 == p_end) flush(pair);
+#endif
         }
 #pragma unroll
         for (int p = 0; p < KCP; ++p) {
@@ -482,6 +519,11 @@ lowc_vnm_spmm_s8(const unsigned char* __restrict__ x,  // Xq [T, K] int8 codes, 
         }
     }
 
+#if LOWC_GP
+    part_t (&tot)[NT][4] = accf;
+#else
+    part_t (&tot)[NT][4] = acc;
+#endif
     const int splits = gridDim.z;
     if (splits > 1) {
         const size_t plane = (size_t)T * (size_t)R;
@@ -491,7 +533,7 @@ lowc_vnm_spmm_s8(const unsigned char* __restrict__ x,  // Xq [T, K] int8 codes, 
 #pragma unroll
             for (int n = 0; n < NT; ++n) {
                 const int tok = tok0 + (wt * NT + n) * 8 + 2 * t + (i & 1);
-                if (row < R && tok < T) ws[blockIdx.z * plane + (size_t)tok * R + row] = acc[n][i];
+                if (row < R && tok < T) ws[blockIdx.z * plane + (size_t)tok * R + row] = tot[n][i];
             }
         }
         __threadfence();
@@ -510,7 +552,7 @@ lowc_vnm_spmm_s8(const unsigned char* __restrict__ x,  // Xq [T, K] int8 codes, 
                 const int tok = tok0 + (wt * NT + n) * 8 + 2 * t + (i & 1);
                 if (row >= R || tok >= T) continue;
                 for (int z = 0; z < splits; ++z)
-                    if (z != (int)blockIdx.z) acc[n][i] += lowc_ld_cg_s32(ws + z * plane + (size_t)tok * R + row);
+                    if (z != (int)blockIdx.z) tot[n][i] += lowc_ld_part(ws + z * plane + (size_t)tok * R + row);
             }
         }
         if (threadIdx.x == 0) counters[tile] = 0;
@@ -520,12 +562,16 @@ lowc_vnm_spmm_s8(const unsigned char* __restrict__ x,  // Xq [T, K] int8 codes, 
         const int row = rt * 16 + g + 8 * (i >> 1);
         if (row >= R) continue;
         const float b = has_bias_ ? lowc_to_float(bias[row]) : 0.f;
+#if LOWC_GP
+        const float sr = 1.f;  // applied per group
+#else
         const float sr = wsc[row];
+#endif
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
             const int tok = tok0 + (wt * NT + n) * 8 + 2 * t + (i & 1);
             if (tok >= T) continue;
-            y[(size_t)tok * (size_t)ldy_ + row] = lowc_from_float((float)acc[n][i] * xs[tok] * sr + b);
+            y[(size_t)tok * (size_t)ldy_ + row] = lowc_from_float((float)tot[n][i] * xs[tok] * sr + b);
         }
     }
 }
