@@ -28,7 +28,10 @@ def test_committed_tables_are_valid(path):
         cfg = GemmConfig(**e["config"])
         assert e["kernel"] in ("wa16", "wa8") and e["bits"] in (4, 6, 8) and e["dtype"] in ("bfloat16", "float16")
         assert cfg.block_n > 0 and cfg.split_k >= 1 and (not cfg.gemv or e["m_bucket"] == 1)  # GEMV: 1 token
-        assert dispatch._key(e)[1] == e["m_bucket"] and dispatch._entry(dispatch._key(e), cfg) == e
+        assert not cfg.cuda or (e["m_bucket"] <= 16 and e["kernel"] == "wa16" and e["bits"] in (4, 6))
+        # lossless round trip (fields added to GemmConfig later take their defaults in older tables)
+        assert dispatch._key(e)[1] == e["m_bucket"] and dispatch._entry(dispatch._key(e), cfg) == \
+            {**e, "config": cfg._asdict()}
 
 
 def test_load_table_once_per_device(tmp_path, monkeypatch):
@@ -80,3 +83,16 @@ def test_bench_kernels_rejects_bad_options(args, message):
 
     result = CliRunner().invoke(cli, ["bench", "kernels", *args])
     assert result.exit_code != 0 and message in result.output + str(result.exception)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pick_config times candidates as CUDA graphs")
+def test_pick_config_drops_a_candidate_that_computes_something_else(monkeypatch):
+    """A config whose output disagrees with the first (established) candidate never wins on speed."""
+    from lowc.kernels import wa16_gemm
+
+    monkeypatch.setenv("LOWC_AUTOTUNE", "1")
+    x = torch.randn(256, 256, device="cuda")
+    good, wrong = GemmConfig(1, 8, 64), GemmConfig(1, 16, 64)
+    outputs = {good: lambda: x @ x, wrong: lambda: x * 3}  # the wrong one is also far faster
+    with pytest.warns(UserWarning, match="disagrees"):
+        assert wa16_gemm.pick_config(("test", 1), [good, wrong], lambda c: outputs[c]()) == good

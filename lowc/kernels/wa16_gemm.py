@@ -45,6 +45,7 @@ class GemmConfig(NamedTuple):
     num_stages: int = 3
     dequant: bool = False
     gemv: bool = False  # the one-token kernel (block_m ignored)
+    cuda: bool = False  # the CUDA C++ tensor-core decode kernel of `wa16_decode` (1..16 tokens, INT4/INT6)
 
 
 def interpreting() -> bool:
@@ -88,15 +89,25 @@ def pick_config(key: tuple, candidates: list[GemmConfig], launch: Callable[[Gemm
     """The fastest of `candidates` for `key`, timed once per process as CUDA-graph replays (decode kernels take a
     few microseconds, less than their host-side launch, so eager timing would rank launch overhead), with L2
     cleared before each call when `cold` (decode shapes: see `bench_cold`); the first candidate when there is only
-    one, when interpreting (CPU tests) or when LOWC_AUTOTUNE=0."""
+    one, when interpreting (CPU tests) or when LOWC_AUTOTUNE=0. A candidate whose output differs from the first
+    candidate's (relative error > 1e-2) is dropped with a warning: a kernel that is wrong on this GPU must never
+    win on speed."""
     if len(candidates) == 1 or interpreting() or os.environ.get("LOWC_AUTOTUNE", "1") == "0":
         best = candidates[0]
     else:
         times = []
+        ref = launch(candidates[0]).float()
         for cfg in candidates:
             try:
+                out = launch(cfg)  # also compiles outside the timed graphs
+                err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+                if not err <= 1e-2:
+                    import warnings
+
+                    warnings.warn(f"lowc: GEMM config {tuple(cfg)} disagrees with {tuple(candidates[0])} on {key} "
+                                  f"(relative difference {err:.3g}); it is left out")
+                    continue
                 if cold:
-                    launch(cfg)  # compile outside the timed graphs
                     times.append((bench_cold(lambda: launch(cfg)), cfg))
                 else:
                     times.append((triton.testing.do_bench_cudagraph(lambda: launch(cfg), rep=5,
@@ -110,7 +121,9 @@ def pick_config(key: tuple, candidates: list[GemmConfig], launch: Callable[[Gemm
 
 def fit_block_k(cfg: GemmConfig, w: LowbitWeight, m: int) -> GemmConfig:
     """Shrink BLOCK_K so a K tile never straddles two scale groups (the GEMV kernel also takes whole groups),
-    and BLOCK_M for few tokens."""
+    and BLOCK_M for few tokens. CUDA decode configs are taken as they are (`wa16_decode` checks them)."""
+    if cfg.cuda:
+        return cfg
     block_k = cfg.block_k
     while w.k_pad % block_k:
         block_k //= 2
@@ -419,6 +432,10 @@ def wa16_configs(m: int, n: int, k: int) -> list[GemmConfig]:
 
 
 def _launch_wa16(x2: torch.Tensor, w: LowbitWeight, bias: torch.Tensor | None, cfg: GemmConfig) -> torch.Tensor:
+    if cfg.cuda:
+        from .wa16_decode import launch_decode
+
+        return launch_decode(x2, w, bias, cfg)
     if cfg.dequant:
         return torch.nn.functional.linear(x2, expand_weight(w, x2.dtype), bias)
     if cfg.gemv:
@@ -462,6 +479,11 @@ def wa16_gemm(x: torch.Tensor, w: LowbitWeight, bias: torch.Tensor | None = None
         config = _TUNED.get(key)
         if config is None:
             cands = [fit_block_k(c, w, m) for c in wa16_configs(m, w.n, w.k)]
+            if m <= 16 and not interpreting():
+                from . import wa16_decode
+
+                if wa16_decode.supports(w, m) and wa16_decode.available():
+                    cands += wa16_decode.decode_configs(m, w)
             config = pick_config(key, cands, lambda c: _launch_wa16(x2, w, bias, c), cold=m <= 16)
     else:
         config = fit_block_k(config, w, m)
