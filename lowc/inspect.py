@@ -16,6 +16,7 @@ def module_kernel(scheme, device: str) -> str:
 
 
 TOKEN_BUCKETS = (1, 16, 128, 4096)
+TABLE_KERNELS = ("wa16", "wa8")  # kernels whose launch configs come from the measured dispatch tables
 # projections the generation engine fuses into one GEMM for decode (runtime/engine.py, runtime/fused_linear.py)
 FUSED_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 
@@ -33,7 +34,7 @@ def _decode_fusions(art: Artifact, kernels: dict[str, str]) -> dict[str, list[st
                 continue
             prefix = name[: -len(group[0])]
             names = [prefix + part for part in group]
-            if all(n in art.schemes and kernels[n] == kernels[name] != "reference" for n in names) and \
+            if all(n in art.schemes and kernels[n] == kernels[name] in TABLE_KERNELS for n in names) and \
                     fusable_schemes([art.schemes[n] for n in names]):
                 out.update({n: names for n in names})
     return out
@@ -42,7 +43,8 @@ def _decode_fusions(art: Artifact, kernels: dict[str, str]) -> dict[str, list[st
 def dispatch_configs(art: Artifact, kernels: dict[str, str], fusions: dict[str, list[str]],
                      gpu: str) -> dict[str, dict[str, str]]:
     """Module -> {token bucket: the launch config the GPU model's dispatch table gives (bf16 activations), or
-    "timed on first use"}; decode buckets of fused projections (`fusions`) look up the fused weight's shape."""
+    "timed on first use"}; decode buckets of fused projections (`fusions`) look up the fused weight's shape. V:N:M
+    modules get the fixed tiles `vnm_spmm.pick_config` chooses by token count."""
     import torch
 
     from .kernels.dispatch import config_label, read_table
@@ -52,6 +54,9 @@ def dispatch_configs(art: Artifact, kernels: dict[str, str], fusions: dict[str, 
     for name, s in art.schemes.items():
         kernel = kernels[name]
         if kernel == "reference":
+            continue
+        if kernel not in TABLE_KERNELS:
+            out[name] = {str(bucket): "fixed tiles by token count" for bucket in TOKEN_BUCKETS}
             continue
         configs = {}
         for bucket in TOKEN_BUCKETS:

@@ -242,7 +242,14 @@ def test_inspect_shows_the_kernel_per_device(tiny_llama, tmp_path, capsys):
                             "-o", sparse, "-q"], capsys)
     assert code == 0, err
     code, stdout, _ = run_cli(["inspect", sparse, "--json", "--device", "cuda"], capsys)
-    assert {m["kernel"] for m in json.loads(stdout)["modules"]} == {"reference"}  # V:N:M: not dispatched yet
+    assert {m["kernel"] for m in json.loads(stdout)["modules"]} == {"vnm"}  # 16-bit inputs: dequantized at load
+    sparse_a8 = tmp_path / "vnm-a8"
+    code, _, err = run_cli(["compress", tiny_llama, "--vnm", "16:2:5", "--wbits", "6", "--abits", "8", "--group",
+                            "32", "-o", sparse_a8, "-q"], capsys)
+    assert code == 0, err
+    code, stdout, _ = run_cli(["inspect", sparse_a8, "--json", "--device", "cuda"], capsys)
+    assert {m["kernel"] for m in json.loads(stdout)["modules"]} == {"vnm_int8"}
+    assert all(m["decode_fused_with"] is None for m in json.loads(stdout)["modules"])
 
 
 def test_inspect_shows_dispatch_table_configs(tiny_llama, tmp_path, capsys, monkeypatch):

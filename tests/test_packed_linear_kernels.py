@@ -106,3 +106,65 @@ def test_fused_plain_linears_share_memory():
     assert parts[1].bias.data_ptr() == fused.bias[8:].data_ptr()
     assert all(torch.allclose(p(x), y, atol=1e-6) for p, y in zip(parts, before))
     assert fuse_linears([parts[0], torch.nn.Linear(32, 8, bias=False)]) is None
+
+
+def _vnm_module(bits: int | None, group: int, abits: int | None, smooth: bool = False, bias: bool = True,
+                seed: int = 0) -> PackedLinear:
+    """A random 64:2:5 module [150, 203] (rows and columns not multiples of V or M), canonical artifact tensors."""
+    from conftest import random_vnm_pattern
+
+    from lowc.compress.sparsity.vnm import VNMSpec
+
+    rows, cols, spec = 150, 203, VNMSpec(64, 2, 5)
+    g = torch.Generator().manual_seed(seed)
+    columns, positions, padding = random_vnm_pattern(rows, cols, spec.v, spec.m, g)
+    kb = columns.shape[1]
+    tensors = {"columns": columns, "positions": packing.pack_2bit(positions.reshape(rows, 2 * kb))}
+    if bits is None:
+        tensors["values"] = torch.randn(rows, 2 * kb, generator=g).masked_fill(padding, 0).to(torch.bfloat16)
+    else:
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        codes = torch.randint(lo, hi + 1, (rows, 2 * kb), generator=g).masked_fill(padding, 0)
+        tensors["qweight"] = packing.pack_int(codes, bits)
+        tensors["scales"] = (torch.rand(rows, -(-2 * kb // group), generator=g) * 0.02 + 1e-3).to(torch.float16)
+    if bias:
+        tensors["bias"] = torch.randn(rows, generator=g).to(torch.bfloat16)
+    if smooth:
+        tensors["smooth"] = torch.rand(cols, generator=g) * 4 + 0.25
+    scheme = ModuleScheme("m", (rows, cols), spec, bits, group, bias=bias, abits=abits, smooth=smooth)
+    assert set(tensors) == set(scheme.expected_tensors())
+    return PackedLinear(scheme, {name: t.to(DEVICE) for name, t in tensors.items()})
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the V:N:M kernels need a CUDA GPU (sparse tensor cores)")
+@pytest.mark.parametrize("bits,group,abits,smooth,kernel", [
+    (None, 128, None, False, "vnm"), (6, 32, None, False, "vnm"), (6, 32, 8, False, "vnm_int8"),
+    (6, 1000, 8, True, "vnm_int8"), (4, 64, 6, False, "vnm_int8"), (8, 128, 8, False, "vnm_int8")])
+@pytest.mark.parametrize("tokens", [1, 9, 100])
+def test_vnm_modules_run_on_the_sparse_kernels(bits, group, abits, smooth, kernel, tokens, monkeypatch):
+    """V:N:M modules (16-bit values, integer values with 16-bit inputs, integer values with A8/A6 inputs, per-row
+    and group-wise scales) compute what the reference computes, through vnm_spmm / vnm_spmm_int8."""
+    m = _vnm_module(bits, group, abits, smooth)
+    canonical = {k: v.clone() for k, v in m.packed().items()}
+    x = torch.randn(tokens, 203, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, torch.bfloat16)
+    want = reference.packed_linear(x, canonical, m.scheme)
+    assert fast_kernel_name(m.scheme) == kernel
+    assert m.use_fast_kernel(torch.bfloat16) and m.kernel == kernel
+    assert not any(hasattr(m, s) for s in ("values", "qweight"))  # on the GPU only the kernel layout
+    for suffix, t in m.packed().items():  # the canonical tensors come back exactly (from host memory)
+        assert torch.equal(t, canonical[suffix]), suffix
+    with monkeypatch.context() as patch:
+        patch.setattr(reference, "packed_linear", lambda *a: pytest.fail("took the reference path"))
+        got = m(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (tokens, 150)
+    assert _rel(got, want) < (2e-2 if smooth else 1e-2)
+
+
+def test_vnm_kernel_names():
+    m = _vnm_module(6, 32, 8)
+    assert fast_kernel_name(m.scheme) == "vnm_int8"
+    assert fast_kernel_name(dataclasses.replace(m.scheme, group=48)) is None  # groups must be whole k32 pairs
+    assert fast_kernel_name(dataclasses.replace(m.scheme, abits=None)) == "vnm"
+    assert fast_kernel_name(dataclasses.replace(m.scheme, slorb_group=16)) is None
+    if DEVICE == "cpu":
+        assert not m.use_fast_kernel(torch.bfloat16) and m.kernel == "reference"  # no GPU: stays on the reference

@@ -75,9 +75,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if schemes:
         fast = 0
         if device.type == "cuda" and os.environ.get("LOWC_KERNELS", "fast") != "reference":
-            fast = sum(m.use_fast_kernel() for m in model.modules() if isinstance(m, PackedLinear))
-        log.info("%d packed modules compute through the Triton W4/W6/W8 GEMMs (fp16/bf16 inputs), %d through the "
-                 "reference kernels (plain torch on %s)", fast, len(schemes) - fast, device)
+            fast = sum(m.use_fast_kernel(dtype) for m in model.modules() if isinstance(m, PackedLinear))
+        log.info("%d packed modules compute through lowc's GPU kernels (low-bit GEMMs, V:N:M SpMM; fp16/bf16 "
+                 "inputs), %d through the reference kernels (plain torch on %s)", fast, len(schemes) - fast, device)
     model.lowc_path = path
     model.lowc_config = config
     model.lowc_manifest = manifest

@@ -11,9 +11,19 @@ FAST_BITS = (4, 6, 8)  # weight widths the Triton W{4,6,8}A16 / A8 GEMMs take
 
 
 def fast_kernel_name(scheme: ModuleScheme) -> str | None:
-    """The Triton GEMM that computes `scheme` as the reference does ("wa16" or "wa8"), or None when only the
-    reference path can (V:N:M, INT2/INT3, SLoRB branches)."""
-    if scheme.vnm is not None or scheme.bits not in FAST_BITS or getattr(scheme, "slorb_group", None):
+    """The GPU kernel that computes `scheme` as the reference does, or None when only the reference path can
+    (SLoRB branches; INT2/INT3 dense weights; V:N:M + A8/A6 with scale groups that are not a multiple of 32):
+    "wa16" / "wa8" (dense low-bit Triton GEMMs), "vnm" (sparse tensor cores, 16-bit values: stored ones, or
+    integer values dequantized at load when the inputs stay 16-bit), "vnm_int8" (sparse INT8 tensor cores,
+    integer values with per-token A8/A6 inputs)."""
+    if getattr(scheme, "slorb_group", None):
+        return None
+    if scheme.vnm is not None:
+        if scheme.bits is None or scheme.abits is None:
+            return "vnm"
+        per_row = scheme.group >= scheme.stored_columns
+        return "vnm_int8" if per_row or scheme.group % 32 == 0 else None
+    if scheme.bits not in FAST_BITS:
         return None
     return "wa16" if scheme.abits is None else "wa8"
 
@@ -24,7 +34,8 @@ class PackedLinear(torch.nn.Module):
     By default forward decodes through `kernels/reference.py`. After `use_fast_kernel()` (what `lowc.load` does on
     CUDA) a dense INT4/INT6/INT8 module keeps its weight only in the Triton GEMMs' layout (no second copy, no dense
     bf16 weight) and computes fp16/bf16 inputs through `wa16_gemm` (A16) or `wa8_gemm` (A8/A6, after dividing by
-    the `smooth` factors); float32 inputs still take the reference path.
+    the `smooth` factors); a V:N:M module moves its weight into the sparse-tensor-core layout of `vnm_spmm` (its
+    canonical tensors go to host memory, for `packed()`); float32 inputs still take the reference path.
     """
 
     def __init__(self, scheme: ModuleScheme, tensors: dict[str, torch.Tensor]):
@@ -37,11 +48,15 @@ class PackedLinear(torch.nn.Module):
         for suffix, t in tensors.items():
             self.register_buffer(suffix, t)
 
-    def use_fast_kernel(self) -> bool:
-        """Move the weight into the Triton GEMM layout when the scheme allows it; returns whether it did."""
+    def use_fast_kernel(self, dtype: torch.dtype | None = None) -> bool:
+        """Move the weight into its GPU kernel's layout when the scheme allows it; returns whether it did. `dtype`
+        is the 16-bit dtype the model computes in (V:N:M weights with 16-bit values are laid out in it; default
+        the scheme's)."""
         name = fast_kernel_name(self.scheme)
-        if name is None or self._k_pad is not None:
-            return self._k_pad is not None
+        if self.kernel != "reference" or name is None:
+            return self.kernel != "reference"
+        if name.startswith("vnm"):
+            return self._use_vnm_kernel(name, dtype or getattr(torch, self.scheme.dtype))
         from ..kernels.lowbit_layout import to_lowbit_layout
 
         w = to_lowbit_layout(self.qweight, self.scales, self.scheme.bits, self.scheme.group, self.scheme.shape[1])
@@ -52,6 +67,57 @@ class PackedLinear(torch.nn.Module):
         self._k_pad = w.k_pad
         self.kernel = name
         return True
+
+    def _use_vnm_kernel(self, name: str, dtype: torch.dtype) -> bool:
+        from ..kernels import vnm_layout
+        from ..kernels.packing import unpack_int
+        from ..kernels.vnm_spmm import available
+
+        if dtype not in (torch.float16, torch.bfloat16) or not available():
+            return False
+        spec, shape = self.scheme.vnm, self.scheme.shape
+        canonical = {suffix: getattr(self, suffix) for suffix in self.scheme.expected_tensors()}
+        columns, positions = canonical["columns"], canonical["positions"]
+        if name == "vnm_int8":
+            codes = unpack_int(canonical["qweight"], self.scheme.bits, self.scheme.stored_columns)
+            scales = canonical["scales"].float()
+            w = vnm_layout.to_vnm_int8_layout(codes, scales, columns, positions, spec.v, spec.m, shape,
+                                              group=None if scales.shape[1] == 1 else self.scheme.group)
+            tensors = dict(vnm_values=w.values, vnm_meta=w.meta, vnm_columns=w.columns, vnm_scales=w.scales)
+        else:
+            if self.scheme.bits is None:
+                values = canonical["values"]
+            else:  # 16-bit inputs: the integer values dequantized once, as the reference computes them
+                values = reference.dequantize_int(canonical["qweight"], canonical["scales"], self.scheme.bits,
+                                                  self.scheme.group, self.scheme.stored_columns)
+            w = vnm_layout.to_vnm_kernel_layout(values, columns, positions, spec.v, spec.m, shape, dtype=dtype)
+            tensors = dict(vnm_values=w.values, vnm_meta=w.meta, vnm_columns=w.columns)
+        for suffix in ("columns", "positions", "values", "qweight", "scales"):
+            if suffix in canonical:
+                delattr(self, suffix)
+        self._canonical = {suffix: t.cpu() for suffix, t in canonical.items()
+                           if suffix in ("columns", "positions", "values", "qweight", "scales")}
+        for suffix, t in tensors.items():
+            self.register_buffer(suffix, t)
+        self._vnm_layout = (w.kb, w.kb_pad, getattr(w, "meta_mode", None), getattr(w, "group_pairs", 0))
+        self.kernel = name
+        return True
+
+    @property
+    def vnm_weight(self):
+        """The weight in `vnm_spmm`'s layout (a VNMKernelWeight or VNMInt8Weight over this module's buffers), or
+        None."""
+        if not self.kernel.startswith("vnm"):
+            return None
+        from ..kernels.vnm_layout import VNMInt8Weight, VNMKernelWeight
+
+        spec, (rows, cols) = self.scheme.vnm, self.scheme.shape
+        kb, kb_pad, meta_mode, group_pairs = self._vnm_layout
+        if self.kernel == "vnm_int8":
+            return VNMInt8Weight(spec.v, spec.m, rows, cols, kb, kb_pad, self.vnm_columns, self.vnm_values,
+                                 self.vnm_meta, self.vnm_scales, meta_mode, group_pairs)
+        return VNMKernelWeight(spec.v, spec.m, rows, cols, kb, kb_pad, self.vnm_columns, self.vnm_values,
+                               self.vnm_meta)
 
     @property
     def lowbit(self):
@@ -66,6 +132,10 @@ class PackedLinear(torch.nn.Module):
 
     def packed(self) -> dict[str, torch.Tensor]:
         """The canonical artifact tensors of this module (rebuilt exactly from the kernel layout when it has one)."""
+        if self.kernel.startswith("vnm"):
+            device = self.vnm_values.device
+            return {suffix: self._canonical[suffix].to(device) if suffix in self._canonical else getattr(self, suffix)
+                    for suffix in self.scheme.expected_tensors()}
         if self._k_pad is None:
             return {suffix: getattr(self, suffix) for suffix in self.scheme.expected_tensors()}
         from ..kernels.lowbit_layout import from_lowbit_layout
@@ -80,6 +150,18 @@ class PackedLinear(torch.nn.Module):
         return reference.dense_weight(self.packed(), self.scheme)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel.startswith("vnm") and x.dtype in (torch.float16, torch.bfloat16):
+            bias = getattr(self, "bias", None)
+            if bias is not None and bias.dtype != x.dtype:
+                bias = bias.to(x.dtype)
+            from ..kernels import vnm_spmm
+
+            if self.kernel == "vnm" and x.dtype == self.vnm_values.dtype:
+                return vnm_spmm.vnm_spmm(x, self.vnm_weight, bias)
+            if self.kernel == "vnm_int8":
+                if self.scheme.smooth:
+                    x = (x.float() / self.smooth).to(x.dtype)
+                return vnm_spmm.vnm_spmm_int8(x, self.vnm_weight, bias, act_bits=self.scheme.abits)
         if self._k_pad is not None and x.dtype in (torch.float16, torch.bfloat16):
             bias = getattr(self, "bias", None)
             if bias is not None and bias.dtype != x.dtype:
