@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lowc.kernels import packing, reference, wa16_decode
-from lowc.kernels.lowbit_layout import code_bias, concat_rows, to_lowbit_layout
+from lowc.kernels.lowbit_layout import code_bias, concat_rows, from_lowbit_layout, to_lowbit_layout
 from lowc.kernels.wa16_gemm import GemmConfig
 
 HAS_CUDA = torch.cuda.is_available()
@@ -70,6 +70,47 @@ def test_lane_mapping_pairs_each_code_with_its_activation(bits):
         assert sorted(seen) == list(range(chunk * 128, chunk * 128 + 128))
 
 
+def _lane_slots_a8(code_bytes: bytes, high_bytes: bytes, x_cols: list[int], bits: int):
+    """The A8 variant (mma m16n8k32 s8): per code word q, the signed codes in K slots 4t..4t+3 (even columns) and
+    4t+16..4t+19 (odd ones) as wa16_decode.cu's byte arithmetic makes them, and the x bytes B holds there."""
+    words = [int.from_bytes(code_bytes[4 * q: 4 * q + 4], "little") for q in range(4)]
+    hwords = [int.from_bytes(high_bytes[4 * i: 4 * i + 4], "little") for i in range(2)] if bits == 6 else [0, 0]
+    xw = [sum(x_cols[4 * j + i] << (8 * i) for i in range(4)) for j in range(8)]  # column indices as bytes
+    out = []
+    for q in range(4):
+        lo, hi = words[q] & 0x0F0F0F0F, (words[q] >> 4) & 0x0F0F0F0F
+        if bits == 6:
+            hb = _prmt(hwords[q // 2], 0, 0x3322 if q & 1 else 0x1100)
+            hn = (hb & 0x000F000F) | ((hb >> 4) & 0x0F000F00)
+            lo |= (hn << 4) & 0x30303030
+            hi |= (hn << 2) & 0x30303030
+        add = 0x60606060 if bits == 6 else 0x78787878
+        even, odd = ((lo + add) ^ 0x80808080) & 0xFFFFFFFF, ((hi + add) ^ 0x80808080) & 0xFFFFFFFF
+        signed = [((v >> (8 * i)) & 0xFF) - (256 if (v >> (8 * i)) & 0x80 else 0) for v in (even, odd) for i in range(4)]
+        b0, b1 = _prmt(xw[2 * q], xw[2 * q + 1], 0x6420), _prmt(xw[2 * q], xw[2 * q + 1], 0x7531)
+        cols = [(v >> (8 * i)) & 0xFF for v in (b0, b1) for i in range(4)]
+        out.append((signed, cols))
+    return out
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_lane_mapping_a8(bits):
+    """As above for int8 activations: each K slot's int8 code is the code of the column whose x byte B holds."""
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    codes = torch.randint(lo, hi + 1, (1, 128), generator=g)
+    w = to_lowbit_layout(packing.pack_int(codes, bits), torch.ones(1, 1, dtype=torch.float16), bits, 128, 128)
+    seen = []
+    for t in range(4):
+        cb = bytes(w.codes[0, 16 * t: 16 * t + 16].tolist())
+        hb = bytes(w.high[0, 8 * t: 8 * t + 8].tolist()) if bits == 6 else b""
+        for step_codes, step_cols in _lane_slots_a8(cb, hb, [32 * t + j for j in range(32)], bits):
+            for c, col in zip(step_codes, step_cols):
+                assert c == int(codes[0, col]), (t, col)
+                seen.append(col)
+    assert sorted(seen) == list(range(128))
+
+
 def test_code_offsets():
     # the packed FMA adds -(128 + bias) (bf16) or -(1024 + bias) (fp16) to both halves
     assert wa16_decode._code_offset(4, False) == "0xC308C308u"  # -136
@@ -111,9 +152,10 @@ def _all_configs(m: int, w) -> list[GemmConfig]:
         if m <= 8 or r * d <= 2]
 
 
-@pytest.mark.parametrize("bits,half,per_channel,tokens", [(4, False, False, 1), (6, False, False, 1),
-                                                          (4, True, True, 16), (6, True, False, 16)])
-def test_cuda_source_compiles_with_nvcc(tmp_path, bits, half, per_channel, tokens):
+@pytest.mark.parametrize("bits,half,per_channel,tokens,a8", [(4, False, False, 1, False), (6, False, False, 1, False),
+                                                             (4, True, True, 16, False), (6, True, False, 16, False),
+                                                             (4, False, False, 1, True), (6, True, True, 16, True)])
+def test_cuda_source_compiles_with_nvcc(tmp_path, bits, half, per_channel, tokens, a8):
     """CI syntax check: nvcc compiles every config `decode_configs` offers, without register spills."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -121,7 +163,7 @@ def test_cuda_source_compiles_with_nvcc(tmp_path, bits, half, per_channel, token
     w, _ = _weight(16, 256, bits, 128, 0)
     for cfg in {c._replace(split_k=1) for c in _all_configs(tokens, w)}:
         path = tmp_path / f"k{cfg.block_m}_{cfg.block_n}_{cfg.block_k}_{cfg.num_warps}.cu"
-        path.write_text(wa16_decode.kernel_source(bits, half, per_channel, cfg))
+        path.write_text(wa16_decode.kernel_source(bits, half, per_channel, cfg, a8))
         proc = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90a", "-cubin", "-Xptxas", "-v", "-o",
                                str(path.with_suffix(".cubin")), str(path)], capture_output=True, text=True,
                               timeout=300)
@@ -190,3 +232,26 @@ def test_wa16_gemm_dispatches_to_it():
     x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
     y = wa16_gemm(x, w, config=GemmConfig(8, 32, 256, 1, 4, 1, cuda=True))
     _check(y, x.float() @ dense.T, "explicit config")
+
+
+@cuda_only
+@pytest.mark.parametrize("bits", [4, 6])
+@pytest.mark.parametrize("n,k,group", [(100, 300, 128), (4096, 4096, 128), (48, 640, 640)])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("act_bits", [8, 6])
+def test_a8_matches_wa8_reference(bits, n, k, group, m, act_bits):
+    """int8 activation codes: integer products exact per 128-column chunk, then group, token scales (+ bias)."""
+    from lowc.kernels.wa8_gemm import quantize_rows, wa8_reference
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    w, _ = _weight(n, k, bits, group, seed, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    bias = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16)
+    xq, xs = quantize_rows(x, act_bits)
+    qweight, scales = from_lowbit_layout(w)
+    ref = wa8_reference(x, qweight, scales, bits, group, k, act_bits=act_bits, bias=bias).float()
+    for cfg in wa16_decode.decode_configs(m, w):
+        y = wa16_decode.launch_decode(xq, w, bias, cfg, x_scale=xs, out_dtype=torch.bfloat16)
+        assert y.dtype == torch.bfloat16
+        _check(y, ref, f"seed {seed} {cfg} A{act_bits}")

@@ -1,4 +1,5 @@
-"""Tensor-core W4A16 / W6A16 decode GEMM in CUDA C++ for 1..16 tokens, on `lowbit_layout`'s kernel layout.
+"""Tensor-core W4/W6 decode GEMM in CUDA C++ for 1..16 tokens, on `lowbit_layout`'s kernel layout: 16-bit
+activations (A16, mma.sync m16n8k16) or int8 activation codes with per-token scales (A8/A6, m16n8k32 s8).
 
 Decode reads every weight byte once per token batch, so its speed is the share of HBM bandwidth it sustains. The
 Triton kernels of `wa16_gemm` reach 33-53% of copy bandwidth at one token: their unpacking costs more
@@ -11,6 +12,8 @@ Configs are `GemmConfig`s with `cuda=True`: block_m = 8 or 16 tokens, block_n = 
 block_k = 128 * chunks each warp loads before it unpacks, num_warps warps share the CTA's rows and deal its K
 chunks among them, split_k CTAs split K (the last to finish sums the others' partials; no zero fill, no cast).
 Supported: INT4 and INT6, group sizes that are multiples of 128 or per-channel, 1..16 tokens, sm_80 or newer.
+With int8 activations the codes become int8 bytes (add 128 - bias per byte, XOR 0x80: two ops per four codes),
+each 128-column chunk is summed exactly in int32 and scaled by its group's scale, the token scale last.
 """
 
 from __future__ import annotations
@@ -42,19 +45,20 @@ def _code_offset(bits: int, half: bool) -> str:
     return f"0x{word:04X}{word:04X}u"
 
 
-def kernel_source(bits: int, half: bool, per_channel: bool, cfg: GemmConfig) -> str:
+def kernel_source(bits: int, half: bool, per_channel: bool, cfg: GemmConfig, a8: bool = False) -> str:
     """The CUDA source of one variant: its #defines, common.cuh and wa16_decode.cu."""
     defines = (f"#define LOWC_HALF {int(half)}\n#define LOWC_BITS {bits}\n#define LOWC_R {cfg.block_n // 16}\n"
+               f"#define LOWC_A8 {int(a8)}\n"
                f"#define LOWC_NT {cfg.block_m // 8}\n#define LOWC_WARPS {cfg.num_warps}\n"
                f"#define LOWC_DEPTH {cfg.block_k // CHUNK}\n#define LOWC_PER_CHANNEL {int(per_channel)}\n"
                f"#define LOWC_CODE_OFFSET {_code_offset(bits, half)}\n")
     return defines + cuda_build.kernel_source(SOURCE.name)
 
 
-def _kernel(bits: int, half: bool, per_channel: bool, cfg: GemmConfig):
-    variant = (bits, half, per_channel, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.block_k)
+def _kernel(bits: int, half: bool, per_channel: bool, cfg: GemmConfig, a8: bool):
+    variant = (bits, half, per_channel, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.block_k, a8)
     return cuda_build.backend().kernel(KERNEL_NAME, variant,
-                                       lambda: [kernel_source(bits, half, per_channel, cfg)], "wa16_decode")
+                                       lambda: [kernel_source(bits, half, per_channel, cfg, a8)], "wa16_decode")
 
 
 def _sm_count() -> int:
@@ -93,28 +97,34 @@ def _check(x2: torch.Tensor, w: LowbitWeight, cfg: GemmConfig) -> None:
             raise ValueError(f"kernel layout tensor {name} must have {align}-byte aligned rows")
 
 
-def launch_decode(x2: torch.Tensor, w: LowbitWeight, bias: torch.Tensor | None, cfg: GemmConfig) -> torch.Tensor:
-    """y [m, n] = x2 [m, k] @ W^T (+ bias) in x2's dtype (bf16/fp16) with the CUDA decode kernel."""
+def launch_decode(x2: torch.Tensor, w: LowbitWeight, bias: torch.Tensor | None, cfg: GemmConfig,
+                  x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y [m, n] = x2 [m, k] @ W^T (+ bias) with the CUDA decode kernel: x2 bf16/fp16 (output in its dtype), or int8
+    activation codes with their fp32 per-token `x_scale` [m] (output in `out_dtype`)."""
     _check(x2, w, cfg)
+    a8 = x_scale is not None
+    if a8 != (x2.dtype == torch.int8) or (a8 and out_dtype not in (torch.float16, torch.bfloat16)):
+        raise ValueError("wa16_decode takes 16-bit x, or int8 codes with x_scale and a 16-bit out_dtype")
+    out_dtype = out_dtype if a8 else x2.dtype
     m = x2.shape[0]
-    if x2.shape[1] != w.k_pad or x2.stride(0) % 8 or x2.data_ptr() % 16 or x2.stride(1) != 1:
+    if x2.shape[1] != w.k_pad or x2.stride(0) % 16 or x2.data_ptr() % 16 or x2.stride(1) != 1:
         # the kernel reads whole 32-column runs of x: give it zero columns up to the padded K
         x2 = torch.nn.functional.pad(x2, (0, w.k_pad - w.k))
     nchunks = w.k_pad // CHUNK
     chunks_per_split = -(-nchunks // max(1, cfg.split_k))
     split = -(-nchunks // chunks_per_split)
     grid_x = -(-w.n // cfg.block_n)
-    y = torch.empty(m, w.n, device=x2.device, dtype=x2.dtype)
+    y = torch.empty(m, w.n, device=x2.device, dtype=out_dtype)
     ws = counters = None
     if split > 1:
         ws = torch.empty(split, m, w.n, device=x2.device, dtype=torch.float32)
         counters = cuda_build.tile_counters(grid_x, x2.device)
     if bias is not None:
-        bias = bias.to(x2.dtype).contiguous()
+        bias = bias.to(out_dtype).contiguous()
     high = w.high if w.high is not None else w.codes
-    kernel = _kernel(w.bits, x2.dtype == torch.float16, w.per_channel, cfg)
+    kernel = _kernel(w.bits, out_dtype == torch.float16, w.per_channel, cfg, a8)
     group_chunks = 1 if w.per_channel else w.group // CHUNK
-    args = (x2.data_ptr(), w.codes.data_ptr(), high.data_ptr(), w.scales.data_ptr(),
+    args = (x2.data_ptr(), x_scale.data_ptr() if a8 else 0, w.codes.data_ptr(), high.data_ptr(), w.scales.data_ptr(),
             bias.data_ptr() if bias is not None else 0, y.data_ptr(), 0 if ws is None else ws.data_ptr(),
             0 if counters is None else counters.data_ptr(),
             m, w.n, nchunks, x2.stride(0), w.codes.stride(0), high.stride(0), w.scales.stride(0), y.stride(0),

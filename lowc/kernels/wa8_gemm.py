@@ -203,6 +203,10 @@ def wa8_configs(m: int, n: int, k: int) -> list[GemmConfig]:
 
 def _launch_wa8(xq: torch.Tensor, xs: torch.Tensor, w: LowbitWeight, bias: torch.Tensor | None,
                 out_dtype: torch.dtype, cfg: GemmConfig) -> torch.Tensor:
+    if cfg.cuda:  # 1..16 tokens: the CUDA tensor-core decode kernel on the int8 codes
+        from .wa16_decode import launch_decode
+
+        return launch_decode(xq, w, bias, cfg, x_scale=xs, out_dtype=out_dtype)
     if cfg.gemv:  # one token: the GEMV kernel on the int8 codes, exact per group like the int32 MMA sums
         return launch_gemv(xq, w, bias, cfg, out_dtype, x_scale=xs)
     if cfg.dequant and w.bits != 8:
@@ -238,6 +242,11 @@ def wa8_gemm_quantized(xq: torch.Tensor, xs: torch.Tensor, w: LowbitWeight, bias
         config = _TUNED.get(key)
         if config is None:
             cands = [fit_block_k(c, w, m) for c in wa8_configs(m, w.n, w.k)]
+            if m <= 16 and not interpreting():
+                from . import wa16_decode
+
+                if wa16_decode.supports(w, m) and wa16_decode.available():
+                    cands += wa16_decode.decode_configs(m, w)
             config = pick_config(key, cands, lambda c: _launch_wa8(xq, xs, w, bias, out_dtype, c), cold=m <= 16)
     else:
         config = fit_block_k(config, w, m)

@@ -45,6 +45,9 @@
 #ifndef LOWC_PER_CHANNEL
 #define LOWC_PER_CHANNEL 0
 #endif
+#ifndef LOWC_A8
+#define LOWC_A8 0  // 1: int8 activation codes with per-token scales, mma.sync m16n8k32 s8, int32 per chunk
+#endif
 
 #if LOWC_HALF
 #define LOWC_MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
@@ -141,8 +144,36 @@ static __device__ __forceinline__ void lowc_unpack_pairs(u32 w, u32 hp, int h, u
     hi = lowc_unbias(p1);
 }
 
+#if LOWC_A8
+// D += A(16x32 s8) * B(32x8 s8), int32
+static __device__ __forceinline__ void lowc_mma_s8(int* d, const u32* a, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// signed int8 codes of one word (8 columns) of one row: even columns 2i -> byte i of `even`, odd -> `odd`.
+// hn (INT6): byte i = the high crumbs of columns 2i (bits 0-1) and 2i+1 (bits 2-3). Biased u <= 63 + bias: adding
+// 128 - bias per byte never carries, and XOR 0x80 turns u + 128 - bias into the two's complement of u - bias.
+static __device__ __forceinline__ void lowc_unpack_bytes(u32 w, u32 hn, u32& even, u32& odd) {
+    const u32 m = 0x0F0F0F0Fu;
+#if LOWC_BITS == 6
+    const u32 lo = lowc_and_or(hn << 4, 0x30303030u, w & m);
+    const u32 hi = lowc_and_or(hn << 2, 0x30303030u, (w >> 4) & m);
+    const u32 add = 0x60606060u;  // 128 - 32
+#else
+    const u32 lo = w & m, hi = (w >> 4) & m;
+    const u32 add = 0x78787878u;  // 128 - 8
+#endif
+    even = (lo + add) ^ 0x80808080u;
+    odd = (hi + add) ^ 0x80808080u;
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
-lowc_wa16_decode(const u16* __restrict__ x,       // X [T, >= k_pad] (row stride ldx), zero past K
+lowc_wa16_decode(const void* __restrict__ x_,     // X [T, >= k_pad] 16-bit (A8: int8 codes), row stride ldx
+                 const float* __restrict__ xs,     // A8: per-token scales [T]
                  const uint4* __restrict__ codes,  // [N, k_pad/2] bytes, row stride ldc bytes
                  const uint2* __restrict__ high,   // INT6: [N, k_pad/4] bytes, row stride ldh bytes
                  const u16* __restrict__ scales,   // fp16 [groups, lds]
@@ -215,13 +246,78 @@ lowc_wa16_decode(const u16* __restrict__ x,       // X [T, >= k_pad] (row stride
         for (int d = 0; d < DEPTH; ++d) {
             const int c = c0 + d * WARPS;
             if (c >= c_end) break;
+#if LOWC_A8
+            // int8 codes of token 8n + g at this lane's 32 columns: xr[n][j] = columns 4j .. 4j+3
+            u32 xr[NT][8];
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                const int tok = 8 * n + g;
+                if (tok < T) {
+                    const uint4* xp = reinterpret_cast<const uint4*>(
+                        reinterpret_cast<const unsigned char*>(x_) + (size_t)tok * (size_t)ldx_ + c * 128 + 32 * t);
+#pragma unroll
+                    for (int v = 0; v < 2; ++v) {
+                        const uint4 xv = __ldg(xp + v);
+                        xr[n][4 * v] = xv.x; xr[n][4 * v + 1] = xv.y; xr[n][4 * v + 2] = xv.z; xr[n][4 * v + 3] = xv.w;
+                    }
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) xr[n][j] = 0u;
+                }
+            }
+            int ipart[R_TILES][NT][2][4];  // int32 sums of the chunk, two chains (even / odd words)
+#pragma unroll
+            for (int r = 0; r < R_TILES; ++r)
+#pragma unroll
+                for (int n = 0; n < NT; ++n)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) ipart[r][n][h][i] = 0;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                // one k32 step per code word: even columns 8q + 2i -> K slots 4t + i, odd ones -> 4t + 16 + i
+                u32 b0[NT], b1[NT];
+#pragma unroll
+                for (int n = 0; n < NT; ++n) {
+                    b0[n] = lowc_prmt(xr[n][2 * q], xr[n][2 * q + 1], 0x6420u);
+                    b1[n] = lowc_prmt(xr[n][2 * q], xr[n][2 * q + 1], 0x7531u);
+                }
+#pragma unroll
+                for (int r = 0; r < R_TILES; ++r) {
+                    u32 a[4];
+#pragma unroll
+                    for (int s2 = 0; s2 < 2; ++s2) {
+#if LOWC_BITS == 6
+                        const u32 hw = (q < 2) ? wh[d][r][s2].x : wh[d][r][s2].y;
+                        const u32 hb = lowc_prmt(hw, 0u, (q & 1) ? 0x3322u : 0x1100u);  // bytes b0 b0 b1 b1
+                        const u32 hn = lowc_and_or(hb, 0x000F000Fu, (hb >> 4) & 0x0F000F00u);  // byte i = nibble i
+#else
+                        const u32 hn = 0u;
+#endif
+                        lowc_unpack_bytes(lowc_word(wc[d][r][s2], q), hn, a[s2], a[2 + s2]);
+                    }
+#pragma unroll
+                    for (int n = 0; n < NT; ++n) lowc_mma_s8(ipart[r][n][q & 1], a, b0[n], b1[n]);
+                }
+            }
+            float part[R_TILES][NT][2][4];
+#pragma unroll
+            for (int r = 0; r < R_TILES; ++r)
+#pragma unroll
+                for (int n = 0; n < NT; ++n)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) part[r][n][h][i] = (float)ipart[r][n][h][i];
+#else
             // x of token 8n + g at this lane's 32 columns: xr[n][j] = columns (2j, 2j+1)
             u32 xr[NT][16];
 #pragma unroll
             for (int n = 0; n < NT; ++n) {
                 const int tok = 8 * n + g;
                 if (tok < T) {
-                    const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)tok * (size_t)ldx_ + c * 128 + 32 * t);
+                    const uint4* xp = reinterpret_cast<const uint4*>(reinterpret_cast<const u16*>(x_) + (size_t)tok * (size_t)ldx_ + c * 128 + 32 * t);
 #pragma unroll
                     for (int v = 0; v < 4; ++v) {
                         const uint4 xv = __ldg(xp + v);
@@ -275,6 +371,7 @@ lowc_wa16_decode(const u16* __restrict__ x,       // X [T, >= k_pad] (row stride
                     }
                 }
             }
+#endif
 #if LOWC_PER_CHANNEL
 #pragma unroll
             for (int r = 0; r < R_TILES; ++r)
@@ -363,6 +460,9 @@ lowc_wa16_decode(const u16* __restrict__ x,       // X [T, >= k_pad] (row stride
         float v = out[j];
 #if LOWC_PER_CHANNEL
         v *= lowc_f16_to_float(scales[row]);
+#endif
+#if LOWC_A8
+        v *= xs[tok];
 #endif
         if (has_bias_) v += lowc_to_float(bias[row]);
         y[(size_t)tok * (size_t)ldy_ + row] = lowc_from_float(v);
