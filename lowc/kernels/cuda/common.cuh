@@ -29,3 +29,18 @@ static __device__ __forceinline__ u16 lowc_from_float(float f) {
 #endif
     return v;
 }
+
+// Weights are read once: stream them past L1.
+static __device__ __forceinline__ uint4 lowc_ld_stream(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+// Other CTAs' split-K partials: read through L2 (never a stale L1 line).
+static __device__ __forceinline__ float lowc_ld_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
+    return v;
+}

@@ -73,21 +73,6 @@ static __device__ __forceinline__ void lowc_mma_sp(float* d, u32 a0, u32 a1, u32
                  : "r"(a0), "r"(a1), "r"(b0), "r"(b1), "r"(e));
 }
 
-// Weights are read once per CTA row block: stream them past L1.
-static __device__ __forceinline__ uint4 lowc_ld_stream(const uint4* p) {
-    uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    return r;
-}
-
-// Other CTAs' split-K partials: read through L2 (never a stale L1 line).
-static __device__ __forceinline__ float lowc_ld_cg(const float* p) {
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
-    return v;
-}
-
 #define WR LOWC_WR
 #define WT LOWC_WT
 #define NT LOWC_NT

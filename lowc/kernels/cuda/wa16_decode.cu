@@ -104,23 +104,62 @@ static __device__ __forceinline__ float lowc_f16_to_float(u16 v) {
     return f;
 }
 
-static __device__ __forceinline__ uint4 lowc_ld_weights(const uint4* p) {
-    uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    return r;
-}
-
-static __device__ __forceinline__ uint2 lowc_ld_weights2(const uint2* p) {
+#if LOWC_BITS == 6
+static __device__ __forceinline__ uint2 lowc_ld_stream2(const uint2* p) {
     uint2 r;
     asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
     return r;
 }
+#endif
 
-static __device__ __forceinline__ float lowc_ld_cg(const float* p) {
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
-    return v;
+// every element of a register array set to v / the elements of b added (unrolled: the arrays stay in registers)
+template <typename T, int A, int B, int C>
+static __device__ __forceinline__ void lowc_fill(T (&a)[A][B][C], T v) {
+#pragma unroll
+    for (int i = 0; i < A; ++i)
+#pragma unroll
+        for (int j = 0; j < B; ++j)
+#pragma unroll
+            for (int k = 0; k < C; ++k) a[i][j][k] = v;
+}
+
+template <typename T, int A, int B, int C, int D>
+static __device__ __forceinline__ void lowc_fill(T (&a)[A][B][C][D], T v) {
+#pragma unroll
+    for (int i = 0; i < A; ++i) lowc_fill(a[i], v);
+}
+
+template <int A, int B, int C, int D>
+static __device__ __forceinline__ void lowc_add(float (&a)[A][B][C][D], const int (&b)[A][B][C][D]) {
+#pragma unroll
+    for (int i = 0; i < A; ++i)
+#pragma unroll
+        for (int j = 0; j < B; ++j)
+#pragma unroll
+            for (int k = 0; k < C; ++k)
+#pragma unroll
+                for (int l = 0; l < D; ++l) a[i][j][k][l] += (float)b[i][j][k][l];
+}
+
+// W 32-bit words (64 or 32 bytes) of x per 8-token tile: token 8n + g's row from p (row stride ldx bytes), zeros
+// for tokens >= T (their lanes load nothing)
+template <int W>
+static __device__ __forceinline__ void lowc_load_x(u32 (&xr)[NT][W], const unsigned char* p, i64 ldx, int T, int g) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        const int tok = 8 * n + g;
+        if (tok < T) {
+            const uint4* xp = reinterpret_cast<const uint4*>(p + (size_t)tok * (size_t)ldx);
+#pragma unroll
+            for (int v = 0; v < W / 4; ++v) {
+                const uint4 xv = __ldg(xp + v);
+                xr[n][4 * v] = xv.x; xr[n][4 * v + 1] = xv.y; xr[n][4 * v + 2] = xv.z; xr[n][4 * v + 3] = xv.w;
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < W; ++j) xr[n][j] = 0u;
+        }
+    }
 }
 
 static __device__ __forceinline__ u32 lowc_word(const uint4& v, int q) {
@@ -210,12 +249,7 @@ lowc_wa16_decode(const void* __restrict__ x_,     // X [T, >= k_pad] 16-bit (A8:
         }
 
     float acc[R_TILES][NT][4];
-#pragma unroll
-    for (int r = 0; r < R_TILES; ++r)
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[r][n][i] = 0.f;
+    lowc_fill(acc, 0.f);
 
     for (int c0 = c_begin + warp; c0 < c_end; c0 += WARPS * DEPTH) {
         uint4 wc[DEPTH][R_TILES][2];
@@ -230,9 +264,9 @@ lowc_wa16_decode(const void* __restrict__ x_,     // X [T, >= k_pad] 16-bit (A8:
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {
                     if (c < c_end) {
-                        wc[d][r][s] = lowc_ld_weights(reinterpret_cast<const uint4*>(crow[r][s] + (size_t)c * 64));
+                        wc[d][r][s] = lowc_ld_stream(reinterpret_cast<const uint4*>(crow[r][s] + (size_t)c * 64));
 #if LOWC_BITS == 6
-                        wh[d][r][s] = lowc_ld_weights2(reinterpret_cast<const uint2*>(hrow[r][s] + (size_t)c * 32));
+                        wh[d][r][s] = lowc_ld_stream2(reinterpret_cast<const uint2*>(hrow[r][s] + (size_t)c * 32));
 #endif
                     } else {
                         wc[d][r][s] = make_uint4(0, 0, 0, 0);
@@ -249,31 +283,9 @@ lowc_wa16_decode(const void* __restrict__ x_,     // X [T, >= k_pad] 16-bit (A8:
 #if LOWC_A8
             // int8 codes of token 8n + g at this lane's 32 columns: xr[n][j] = columns 4j .. 4j+3
             u32 xr[NT][8];
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                const int tok = 8 * n + g;
-                if (tok < T) {
-                    const uint4* xp = reinterpret_cast<const uint4*>(
-                        reinterpret_cast<const unsigned char*>(x_) + (size_t)tok * (size_t)ldx_ + c * 128 + 32 * t);
-#pragma unroll
-                    for (int v = 0; v < 2; ++v) {
-                        const uint4 xv = __ldg(xp + v);
-                        xr[n][4 * v] = xv.x; xr[n][4 * v + 1] = xv.y; xr[n][4 * v + 2] = xv.z; xr[n][4 * v + 3] = xv.w;
-                    }
-                } else {
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) xr[n][j] = 0u;
-                }
-            }
+            lowc_load_x<8>(xr, reinterpret_cast<const unsigned char*>(x_) + c * 128 + 32 * t, ldx_, T, g);
             int ipart[R_TILES][NT][2][4];  // int32 sums of the chunk, two chains (even / odd words)
-#pragma unroll
-            for (int r = 0; r < R_TILES; ++r)
-#pragma unroll
-                for (int n = 0; n < NT; ++n)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h)
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) ipart[r][n][h][i] = 0;
+            lowc_fill(ipart, 0);
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 // one k32 step per code word: even columns 8q + 2i -> K slots 4t + i, odd ones -> 4t + 16 + i
@@ -302,41 +314,14 @@ lowc_wa16_decode(const void* __restrict__ x_,     // X [T, >= k_pad] 16-bit (A8:
                 }
             }
             float part[R_TILES][NT][2][4];
-#pragma unroll
-            for (int r = 0; r < R_TILES; ++r)
-#pragma unroll
-                for (int n = 0; n < NT; ++n)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h)
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) part[r][n][h][i] = (float)ipart[r][n][h][i];
+            lowc_fill(part, 0.f);
+            lowc_add(part, ipart);
 #else
             // x of token 8n + g at this lane's 32 columns: xr[n][j] = columns (2j, 2j+1)
             u32 xr[NT][16];
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                const int tok = 8 * n + g;
-                if (tok < T) {
-                    const uint4* xp = reinterpret_cast<const uint4*>(reinterpret_cast<const u16*>(x_) + (size_t)tok * (size_t)ldx_ + c * 128 + 32 * t);
-#pragma unroll
-                    for (int v = 0; v < 4; ++v) {
-                        const uint4 xv = __ldg(xp + v);
-                        xr[n][4 * v] = xv.x; xr[n][4 * v + 1] = xv.y; xr[n][4 * v + 2] = xv.z; xr[n][4 * v + 3] = xv.w;
-                    }
-                } else {
-#pragma unroll
-                    for (int j = 0; j < 16; ++j) xr[n][j] = 0u;
-                }
-            }
+            lowc_load_x<16>(xr, reinterpret_cast<const unsigned char*>(x_) + 2 * (c * 128 + 32 * t), 2 * ldx_, T, g);
             float part[R_TILES][NT][2][4];  // two accumulators per tile (steps h = 0 / 1): shorter MMA chains
-#pragma unroll
-            for (int r = 0; r < R_TILES; ++r)
-#pragma unroll
-                for (int n = 0; n < NT; ++n)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h)
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) part[r][n][h][i] = 0.f;
+            lowc_fill(part, 0.f);
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 u32 hq[R_TILES][2];
@@ -409,7 +394,7 @@ lowc_wa16_decode(const void* __restrict__ x_,     // X [T, >= k_pad] 16-bit (A8:
     const size_t plane = (size_t)T * (size_t)N;
     float out[(E * 32 + WARPS * 32 - 1) / (WARPS * 32)];
 #pragma unroll
-    for (int j = 0; j < (E * 32 + WARPS * 32 - 1) / (WARPS * 32); ++j) {
+    for (int j = 0; j < (int)(sizeof(out) / sizeof(float)); ++j) {
         const int idx = threadIdx.x + j * WARPS * 32;
         float v = 0.f;
         if (idx < E * 32) {
@@ -418,21 +403,23 @@ lowc_wa16_decode(const void* __restrict__ x_,     // X [T, >= k_pad] 16-bit (A8:
         }
         out[j] = v;
     }
-    // element idx -> (row, token)
-    auto coords = [&](int idx, int& row, int& tok) {
+    // element idx = threadIdx.x + j * blockDim.x of the reduced tile -> (row, token), valid inside Y
+    constexpr int J = (E * 32 + WARPS * 32 - 1) / (WARPS * 32);
+    int rows[J], toks[J];
+    bool ok[J];
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        const int idx = threadIdx.x + j * WARPS * 32;
         const int e = idx >> 5, l = idx & 31;
         const int i = e & 3, n = (e >> 2) % NT, r = (e >> 2) / NT;
-        row = row0 + 16 * r + (l >> 2) + 8 * (i >> 1);
-        tok = 8 * n + 2 * (l & 3) + (i & 1);
-    };
+        rows[j] = row0 + 16 * r + (l >> 2) + 8 * (i >> 1);
+        toks[j] = 8 * n + 2 * (l & 3) + (i & 1);
+        ok[j] = idx < E * 32 && rows[j] < N && toks[j] < T;
+    }
     if (splits > 1) {
 #pragma unroll
-        for (int j = 0; j < (E * 32 + WARPS * 32 - 1) / (WARPS * 32); ++j) {
-            const int idx = threadIdx.x + j * WARPS * 32;
-            int row, tok;
-            coords(idx, row, tok);
-            if (idx < E * 32 && row < N && tok < T) ws[blockIdx.y * plane + (size_t)tok * N + row] = out[j];
-        }
+        for (int j = 0; j < J; ++j)
+            if (ok[j]) ws[blockIdx.y * plane + (size_t)toks[j] * N + rows[j]] = out[j];
         __threadfence();
         __syncthreads();
         __shared__ int s_last;
@@ -441,30 +428,24 @@ lowc_wa16_decode(const void* __restrict__ x_,     // X [T, >= k_pad] 16-bit (A8:
         if (!s_last) return;
         __threadfence();
 #pragma unroll
-        for (int j = 0; j < (E * 32 + WARPS * 32 - 1) / (WARPS * 32); ++j) {
-            const int idx = threadIdx.x + j * WARPS * 32;
-            int row, tok;
-            coords(idx, row, tok);
-            if (idx >= E * 32 || row >= N || tok >= T) continue;
+        for (int j = 0; j < J; ++j) {
+            if (!ok[j]) continue;
             for (int z = 0; z < splits; ++z)
-                if (z != (int)blockIdx.y) out[j] += lowc_ld_cg(ws + z * plane + (size_t)tok * N + row);
+                if (z != (int)blockIdx.y) out[j] += lowc_ld_cg(ws + z * plane + (size_t)toks[j] * N + rows[j]);
         }
         if (threadIdx.x == 0) counters[blockIdx.x] = 0;
     }
 #pragma unroll
-    for (int j = 0; j < (E * 32 + WARPS * 32 - 1) / (WARPS * 32); ++j) {
-        const int idx = threadIdx.x + j * WARPS * 32;
-        int row, tok;
-        coords(idx, row, tok);
-        if (idx >= E * 32 || row >= N || tok >= T) continue;
+    for (int j = 0; j < J; ++j) {
+        if (!ok[j]) continue;
         float v = out[j];
 #if LOWC_PER_CHANNEL
-        v *= lowc_f16_to_float(scales[row]);
+        v *= lowc_f16_to_float(scales[rows[j]]);
 #endif
 #if LOWC_A8
-        v *= xs[tok];
+        v *= xs[toks[j]];
 #endif
-        if (has_bias_) v += lowc_to_float(bias[row]);
-        y[(size_t)tok * (size_t)ldy_ + row] = lowc_from_float(v);
+        if (has_bias_) v += lowc_to_float(bias[rows[j]]);
+        y[(size_t)toks[j] * (size_t)ldy_ + rows[j]] = lowc_from_float(v);
     }
 }
