@@ -236,6 +236,11 @@ def cuda_core_backend() -> "_CudaCoreBackend":
     return _CudaCoreBackend()
 
 
+def sm_count() -> int:
+    """Streaming multiprocessors of the current GPU (split-K heuristics aim at a few CTAs per SM)."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 @functools.cache
 def available() -> bool:
     """True where lowc's CUDA C++ kernels can run: a GPU of compute capability >= 8.0 and an NVRTC backend."""

@@ -84,7 +84,7 @@ def load_table(device: torch.device | int | None = None) -> int:
     if os.environ.get("LOWC_DISPATCH_TABLE", "1") == "0":
         return 0
     table = read_table(torch.cuda.get_device_name(index))
-    from .wa16_decode import available
+    from .cuda_build import available
 
     if not available():  # measured where the CUDA decode kernel compiled; here its keys are timed again
         table = {key: cfg for key, cfg in table.items() if not cfg.cuda}

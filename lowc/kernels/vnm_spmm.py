@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 
 from . import cuda_build
-from .cuda_build import available, backend, check_operands, tile_counters  # noqa: F401 - available: re-export
+from .cuda_build import backend, check_operands, sm_count, tile_counters
 from .vnm_layout import VNMInt8Weight, VNMKernelWeight
 
 KERNEL_NAME = "lowc_vnm_spmm"
@@ -95,10 +95,6 @@ def _row_warps(v: int, limit: int = 4) -> int:
     return wr
 
 
-def _sm_count() -> int:
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-
-
 def pick_config(tokens: int, w: VNMKernelWeight) -> VNMConfig:
     """Default tile shape for `tokens` tokens (see the module docstring)."""
     if tokens <= 16:
@@ -111,7 +107,7 @@ def pick_config(tokens: int, w: VNMKernelWeight) -> VNMConfig:
 def _split_for(cfg: VNMConfig, grid_xy: int, nchunks: int) -> int:
     """Split K until the grid has about 4 CTAs per SM (one full wave at the 128-register cap, so every SM keeps
     many weight loads in flight), at least one K chunk per split, at most 16 splits."""
-    want = max(1, -(-4 * _sm_count() // max(1, grid_xy)))
+    want = max(1, -(-4 * sm_count() // max(1, grid_xy)))
     return max(1, min(want, nchunks, 16))
 
 

@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 from . import cuda_build
-from .cuda_build import available  # noqa: F401 - where the kernel can run
 from .lowbit_layout import LowbitWeight, code_bias
-from .wa16_gemm import GemmConfig
+from .wa16_gemm import GemmConfig, interpreting
 
 KERNEL_NAME = "lowc_wa16_decode"
 SOURCE = Path(__file__).resolve().parent / "cuda" / "wa16_decode.cu"
@@ -61,15 +60,11 @@ def _kernel(bits: int, half: bool, per_channel: bool, cfg: GemmConfig, a8: bool)
                                        lambda: [kernel_source(bits, half, per_channel, cfg, a8)], "wa16_decode")
 
 
-def _sm_count() -> int:
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-
-
 def auto_split(n: int, k_pad: int, rows: int, warps: int, depth: int) -> int:
     """K splits that give about two CTAs per SM, keeping at least one full round of chunks per warp."""
     ctas = -(-n // rows)
     chunks = k_pad // CHUNK
-    want = max(1, -(-2 * _sm_count() // ctas))
+    want = max(1, -(-2 * cuda_build.sm_count() // ctas))
     return max(1, min(want, chunks // (warps * depth), 16))
 
 
@@ -83,6 +78,14 @@ def decode_configs(m: int, w: LowbitWeight) -> list[GemmConfig]:
         for split in sorted({1, auto_split(w.n, w.k_pad, 16 * tiles, warps, depth)}):
             out.append(GemmConfig(tokens, 16 * tiles, CHUNK * depth, split, warps, 1, cuda=True))
     return out
+
+
+def candidates(m: int, w: LowbitWeight) -> list[GemmConfig]:
+    """The configs this kernel adds to a `wa16` / `wa8` autotuner's list at `m` tokens: `decode_configs` where the
+    kernel takes the weight and can run here, else none."""
+    if interpreting() or not supports(w, m) or not cuda_build.available():
+        return []
+    return decode_configs(m, w)
 
 
 def _check(x2: torch.Tensor, w: LowbitWeight, cfg: GemmConfig) -> None:
@@ -107,7 +110,7 @@ def launch_decode(x2: torch.Tensor, w: LowbitWeight, bias: torch.Tensor | None, 
         raise ValueError("wa16_decode takes 16-bit x, or int8 codes with x_scale and a 16-bit out_dtype")
     out_dtype = out_dtype if a8 else x2.dtype
     m = x2.shape[0]
-    if x2.shape[1] != w.k_pad or x2.stride(0) % 16 or x2.data_ptr() % 16 or x2.stride(1) != 1:
+    if x2.shape[1] != w.k_pad or x2.stride(0) * x2.element_size() % 16 or x2.data_ptr() % 16 or x2.stride(1) != 1:
         # the kernel reads whole 32-column runs of x: give it zero columns up to the padded K
         x2 = torch.nn.functional.pad(x2, (0, w.k_pad - w.k))
     nchunks = w.k_pad // CHUNK

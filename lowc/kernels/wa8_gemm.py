@@ -242,11 +242,9 @@ def wa8_gemm_quantized(xq: torch.Tensor, xs: torch.Tensor, w: LowbitWeight, bias
         config = _TUNED.get(key)
         if config is None:
             cands = [fit_block_k(c, w, m) for c in wa8_configs(m, w.n, w.k)]
-            if m <= 16 and not interpreting():
-                from . import wa16_decode
+            from .wa16_decode import candidates as decode_candidates
 
-                if wa16_decode.supports(w, m) and wa16_decode.available():
-                    cands += wa16_decode.decode_configs(m, w)
+            cands += decode_candidates(m, w)  # the CUDA decode kernel at 1..16 tokens, where it applies
             config = pick_config(key, cands, lambda c: _launch_wa8(xq, xs, w, bias, out_dtype, c), cold=m <= 16)
     else:
         config = fit_block_k(config, w, m)

@@ -8,6 +8,7 @@ from ..kernels import reference
 from ..scheme import ModuleScheme
 
 FAST_BITS = (4, 6, 8)  # weight widths the Triton W{4,6,8}A16 / A8 GEMMs take
+VNM_WEIGHT_TENSORS = ("columns", "positions", "values", "qweight", "scales")  # replaced by the SpMM layout
 
 
 def fast_kernel_name(scheme: ModuleScheme) -> str | None:
@@ -71,7 +72,7 @@ class PackedLinear(torch.nn.Module):
     def _use_vnm_kernel(self, name: str, dtype: torch.dtype) -> bool:
         from ..kernels import vnm_layout
         from ..kernels.packing import unpack_int
-        from ..kernels.vnm_spmm import available
+        from ..kernels.cuda_build import available
 
         if dtype not in (torch.float16, torch.bfloat16) or not available():
             return False
@@ -92,11 +93,10 @@ class PackedLinear(torch.nn.Module):
                                                   self.scheme.group, self.scheme.stored_columns)
             w = vnm_layout.to_vnm_kernel_layout(values, columns, positions, spec.v, spec.m, shape, dtype=dtype)
             tensors = dict(vnm_values=w.values, vnm_meta=w.meta, vnm_columns=w.columns)
-        for suffix in ("columns", "positions", "values", "qweight", "scales"):
-            if suffix in canonical:
-                delattr(self, suffix)
-        self._canonical = {suffix: t.cpu() for suffix, t in canonical.items()
-                           if suffix in ("columns", "positions", "values", "qweight", "scales")}
+        # the weight's canonical tensors move to host memory (bias, smooth stay as they are)
+        self._canonical = {suffix: canonical[suffix].cpu() for suffix in VNM_WEIGHT_TENSORS if suffix in canonical}
+        for suffix in self._canonical:
+            delattr(self, suffix)
         for suffix, t in tensors.items():
             self.register_buffer(suffix, t)
         self._vnm_layout = (w.kb, w.kb_pad, getattr(w, "meta_mode", None), getattr(w, "group_pairs", 0))
