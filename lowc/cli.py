@@ -69,6 +69,10 @@ def cli(verbose: bool) -> None:
 @click.option("--smooth", is_flag=True, default=None,
               help="SmoothQuant: move activation outliers into the weights before A8/A6 quantization (per-channel "
                    "factors folded into the previous norm/linear; needs --abits and --calib).")
+@click.option("--rotate", is_flag=True, default=None,
+              help="Rotate the inputs of integer-weight Linears by block Hadamard transforms (up to 128 channels; "
+                   "weights rotated to match, inputs online), spreading outliers before A6/A8 and W4 rounding "
+                   "(QuaRot). Dense weights; instead of --smooth / --method awq.")
 @click.option("--scale-alpha", type=float,
               help="Strength (0-1) of --smooth / --method awq factors; default: searched per layer group.")
 @click.option("--group", type=int, help="Input columns per quantization group (default 128).")
@@ -95,7 +99,8 @@ def cli(verbose: bool) -> None:
 @add_ast_options
 def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: float | None, pad_rows: bool | None,
              wbits: int | None, method: str | None, act_order: bool | None, clip: bool | None, abits: str | None,
-             a8_budget: float | None, smooth: bool | None, scale_alpha: float | None, group: int | None,
+             a8_budget: float | None, smooth: bool | None, rotate: bool | None, scale_alpha: float | None,
+             group: int | None,
              skip: tuple[str, ...], importance: str | None, reconstruct: str | None,
              permute: bool | None, permute_iterations: int | None,
              calib: Path | None, calib_samples: int | None,
@@ -115,7 +120,7 @@ def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: f
                ("calib_seqlen", calib_seqlen), ("sparsity", sparsity), ("pad_rows", pad_rows), ("permute", permute),
                ("permute_iterations", permute_iterations), ("reconstruct", reconstruct), ("method", method),
                ("abits", None if abits is None else int(abits)), ("a8_budget", a8_budget), ("act_order", act_order),
-               ("clip", clip), ("smooth", smooth), ("scale_alpha", scale_alpha))
+               ("clip", clip), ("smooth", smooth), ("rotate", rotate), ("scale_alpha", scale_alpha))
     for key, value in options:
         if value is not None:
             data[key] = value

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .compress.sparsity.vnm import VNMSpec
 from .errors import UsageError
+from .kernels.hadamard import rotation_block
 from .kernels.packing import SUPPORTED_BITS
 from .scheme import ACTIVATION_BITS, ModuleScheme
 
@@ -40,7 +41,10 @@ class Recipe:
     `scale_alpha` fixes the strength of smooth/awq factors; by default it is searched per layer group. abits: 8 or 6
     for per-token symmetric quantization of the inputs of every integer-weight Linear (16 or None keeps them
     16-bit); with abits 6, `a8_budget` (a fraction of the quantized Linears' FLOPs) keeps A8 on the layers most
-    sensitive to A6, measured on `calib` (FlexQ). ast: AST recovery training after V:N:M pruning, a mapping of
+    sensitive to A6, measured on `calib` (FlexQ). rotate: rotate the inputs of every integer-weight Linear by a block
+    Hadamard transform (blocks of up to 128 channels; the weights are rotated to match and the inputs online at run
+    time), which spreads activation and weight outliers before rounding (QuaRot); dense weights only, and instead of
+    smooth/awq. ast: AST recovery training after V:N:M pruning, a mapping of
     `ASTConfig` fields (`{"steps": 500, "slorb": True}`; docs/AST.md); trains on `calib`.
     """
 
@@ -65,6 +69,7 @@ class Recipe:
     clip: bool = False
     smooth: bool = False
     scale_alpha: float | None = None
+    rotate: bool = False
     ast: dict | None = None
 
     def __post_init__(self) -> None:
@@ -180,6 +185,17 @@ class Recipe:
                     or not 0 < self.scale_alpha < 1:
                 raise UsageError(f"--scale-alpha: expected a number between 0 and 1, got {self.scale_alpha!r}")
             self.scale_alpha = float(self.scale_alpha)
+        if not isinstance(self.rotate, bool):
+            raise UsageError(f"--rotate: expected true or false, got {self.rotate!r}")
+        if self.rotate:
+            if self.wbits is None:
+                raise UsageError("--rotate: rotates the inputs of integer-weight Linears; give --wbits")
+            if self.vnm is not None:
+                raise UsageError("--rotate: a rotation mixes the input channels that V:N:M pruning keeps or drops; "
+                                 "use it without --vnm")
+            if self.scaling is not None:
+                raise UsageError(f"--rotate and {'--smooth' if self.smooth else '--method awq'} both treat outlier "
+                                 "channels (per-channel factors would act on unrotated channels); use one of them")
         if not isinstance(self.permute, bool):
             raise UsageError(f"--permute: expected true or false, got {self.permute!r}")
         if isinstance(self.permute_iterations, bool) or not isinstance(self.permute_iterations, int) \
@@ -262,4 +278,5 @@ class Recipe:
         if self.is_noop or any(fnmatch.fnmatchcase(name, p) for p in (*keep_dense, *self.skip)):
             return None
         return ModuleScheme(name=name, shape=shape, vnm=vnm or self.vnm_spec, bits=self.wbits, group=self.group,
-                            dtype=dtype, bias=bias, abits=self.abits)
+                            dtype=dtype, bias=bias, abits=self.abits,
+                            rotate=rotation_block(shape[1]) if self.rotate else None)

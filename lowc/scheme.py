@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from .compress.sparsity.vnm import VNMSpec
 from .errors import ArtifactError, UsageError
+from .kernels.hadamard import check_block
 from .kernels.packing import SUPPORTED_BITS, packed_columns
 
 ACTIVATION_BITS = (6, 8)
@@ -31,6 +32,9 @@ class ModuleScheme:
     # SLoRB (AST): a dense branch group_sums(x, slorb_group) @ S.T added to the output, S = the stored `slorb`
     # [R, ceil(K / slorb_group)] in `dtype`; None = no branch
     slorb_group: int | None = None
+    # inputs rotated by a block Hadamard transform of this many channels before (activation) quantization; the
+    # stored weight is W R (kernels/hadamard.py); integer dense weights only; None = not rotated
+    rotate: int | None = None
 
     @property
     def stored_columns(self) -> int:
@@ -83,6 +87,8 @@ class ModuleScheme:
             parts.append(f"V:N:M {self.vnm}")
         if self.bits is not None:
             parts.append(f"W{self.bits}{'' if self.abits is None else f'A{self.abits}'} g{self.group}")
+        if self.rotate is not None:
+            parts.append(f"Hadamard {self.rotate}")
         if self.slorb_group is not None:
             parts.append(f"SLoRB g{self.slorb_group}")
         return " + ".join(parts) or "dense"
@@ -98,6 +104,7 @@ class ModuleScheme:
             "abits": self.abits,
             **({"smooth": True} if self.smooth else {}),
             **({"slorb_group": self.slorb_group} if self.slorb_group is not None else {}),
+            **({"rotate": self.rotate} if self.rotate is not None else {}),
         }
 
     @classmethod
@@ -141,4 +148,12 @@ class ModuleScheme:
                                         or not 1 <= slorb_group <= 2**20):
             raise ArtifactError(f"{where}: 'slorb_group' (SLoRB input channels per group) must be a positive "
                                 f"integer or absent, got {slorb_group!r}")
-        return cls(name, (shape[0], shape[1]), vnm, bits, group, dtype, bias, abits, smooth, slorb_group)
+        rotate = data.get("rotate")
+        if rotate is not None:
+            try:
+                check_block(rotate, shape[1])
+            except ValueError as e:
+                raise ArtifactError(f"{where}: 'rotate': {e}") from None
+            if bits is None or vnm is not None or smooth:
+                raise ArtifactError(f"{where}: 'rotate' goes with dense integer weights without 'smooth'")
+        return cls(name, (shape[0], shape[1]), vnm, bits, group, dtype, bias, abits, smooth, slorb_group, rotate)

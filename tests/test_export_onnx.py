@@ -46,6 +46,7 @@ SCHEMES = {
     "vnm_w6": dict(vnm="16:2:5", wbits=6, permute=False),
     "vnm": dict(vnm="16:2:8", permute=False),
     "w6a8": dict(wbits=6, abits=8),
+    "w6a8_rotate": dict(wbits=6, abits=8, rotate=True),
 }
 TOL = 1e-3
 
@@ -118,7 +119,12 @@ def onnx_bytes(out: Path) -> int:
 
 
 def tensor_bytes(artifact: Path) -> int:
-    return sum(p.stat().st_size for p in artifact.glob("*.safetensors"))
+    """The artifact's tensor bytes, plus the one constant an export adds per Hadamard block size of rotated modules
+    (its ±1 matrix as int8, block² bytes, shared by all modules: a fixed cost, not one that grows with the model)."""
+    from lowc.artifact import open_artifact
+
+    blocks = {s.rotate for s in open_artifact(artifact).schemes.values() if s.rotate}
+    return sum(p.stat().st_size for p in artifact.glob("*.safetensors")) + sum(b * b for b in blocks)
 
 
 # ------------------------------------------------------------------------------------------------------ decoder
@@ -271,10 +277,10 @@ def bert_ckpt(workdir) -> Path:
     return workdir / "bert"
 
 
-@pytest.mark.parametrize("options", [dict(wbits=6, group=64), dict(vnm="16:2:5", wbits=4, group=64, permute=False)],
-                         ids=["w6", "vnm_w4"])
+@pytest.mark.parametrize("options", [dict(wbits=6, group=64), dict(vnm="16:2:5", wbits=4, group=64, permute=False),
+                                     dict(wbits=6, rotate=True)], ids=["w6", "vnm_w4", "w6_rotate"])
 def test_bert_matches_lowc_runtime(options, bert_ckpt, workdir):
-    art = lowc.compress(bert_ckpt, workdir / f"bert-{len(options)}", progress=False, **options)
+    art = lowc.compress(bert_ckpt, workdir / ("bert-" + "-".join(f"{k}{v}" for k, v in options.items())), progress=False, **options)
     out = export(art)
     assert out == art.with_name(art.name + "-onnx")
     onnx.checker.check_model(onnx.load(out / "model.onnx"), full_check=True)
@@ -297,7 +303,8 @@ def test_bert_matches_lowc_runtime(options, bert_ckpt, workdir):
 # ------------------------------------------------------------------------------------------- bad input, options
 @pytest.fixture(scope="module")
 def int3_artifact(workdir, llama_ckpt) -> Path:
-    return lowc.compress(llama_ckpt, workdir / "art-w3", wbits=3, progress=False, skip=["*.mlp.*"])
+    # inputs rotated too: the lowc op and the fallback both see the rotated inputs the stored weight expects
+    return lowc.compress(llama_ckpt, workdir / "art-w3", wbits=3, rotate=True, progress=False, skip=["*.mlp.*"])
 
 
 def test_int3_exports_as_btc_gemm_nodes(int3_artifact, tmp_path):

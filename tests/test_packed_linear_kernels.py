@@ -16,7 +16,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpr
 
 
 def _module(n: int, k: int, bits: int, group: int, abits: int | None = None, smooth: bool = False,
-            bias: bool = False, seed: int = 0) -> PackedLinear:
+            bias: bool = False, seed: int = 0, rotate: int | None = None) -> PackedLinear:
     g = torch.Generator().manual_seed(seed)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     tensors = {"qweight": packing.pack_int(torch.randint(lo, hi + 1, (n, k), generator=g), bits),
@@ -25,7 +25,7 @@ def _module(n: int, k: int, bits: int, group: int, abits: int | None = None, smo
         tensors["bias"] = torch.randn(n, generator=g).to(torch.bfloat16)
     if smooth:
         tensors["smooth"] = torch.rand(k, generator=g) * 4 + 0.25
-    scheme = ModuleScheme("m", (n, k), None, bits, group, bias=bias, abits=abits, smooth=smooth)
+    scheme = ModuleScheme("m", (n, k), None, bits, group, bias=bias, abits=abits, smooth=smooth, rotate=rotate)
     return PackedLinear(scheme, {name: t.to(DEVICE) for name, t in tensors.items()})
 
 
@@ -33,11 +33,12 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref.double()).norm() / ref.double().norm())
 
 
-@pytest.mark.parametrize("bits,group,abits,smooth,bias", [
-    (4, 32, None, False, False), (6, 64, None, False, True), (8, 32, None, False, False),
-    (6, 32, 8, False, True), (4, 32, 8, False, False), (6, 64, 6, True, False)])
-def test_fast_kernel_matches_the_reference(bits, group, abits, smooth, bias, monkeypatch):
-    m = _module(48, 96, bits, group, abits, smooth, bias)
+@pytest.mark.parametrize("bits,group,abits,smooth,bias,rotate", [
+    (4, 32, None, False, False, None), (6, 64, None, False, True, None), (8, 32, None, False, False, None),
+    (6, 32, 8, False, True, None), (4, 32, 8, False, False, None), (6, 64, 6, True, False, None),
+    (4, 32, None, False, True, 32), (6, 32, 6, False, False, 32)])
+def test_fast_kernel_matches_the_reference(bits, group, abits, smooth, bias, rotate, monkeypatch):
+    m = _module(48, 96, bits, group, abits, smooth, bias, rotate=rotate)
     canonical = {k: v.clone() for k, v in m.packed().items()}
     x = torch.randn(5, 96, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
     want = reference.packed_linear(x, canonical, m.scheme)

@@ -17,6 +17,7 @@ from ..artifact import ArtifactWriter, check_output_dir, producer_info
 from ..checkpoint import Checkpoint
 from ..console import progress_bar
 from ..errors import CheckpointError, UsageError
+from ..kernels.hadamard import rotate_inputs, rotate_weight
 from ..kernels.packing import pack_2bit, pack_int
 from ..kernels.reference import dense_weight, group_sums
 from ..models import build_model
@@ -140,6 +141,31 @@ def _load_dense(ckpt: Checkpoint) -> torch.nn.Module:
     from ..runtime.load import load
 
     return load(ckpt.path)
+
+
+def _rotation_record(plan: Plan) -> dict:
+    """The manifest's record of --rotate: the block per module and the modules left unrotated."""
+    return {"kind": "hadamard", "blocks": {m: s.rotate for m, s in plan.schemes.items() if s.rotate},
+            "not_rotated": sorted(m for m, s in plan.schemes.items() if not s.rotate)}
+
+
+def _rotate(model: torch.nn.Module | None, plan: Plan) -> bool:
+    """Rotate the weight of every module whose scheme says so (W -> W R, in place) and its inputs in a forward
+    pre-hook, so that calibration, GPTQ and FlexQ see the rotated problem the artifact computes. Without a model
+    (round to nearest) nothing happens here: each weight is rotated as it is packed. Returns whether the model's
+    weights were rotated."""
+    record = _rotation_record(plan)
+    left = record["not_rotated"]
+    if left:
+        log.warning("--rotate: %d module(s) keep unrotated inputs (input features without a power-of-two factor "
+                    ">= 16): %s", len(left), ", ".join(left[:5]) + (" ..." if len(left) > 5 else ""))
+    if model is None:
+        return False
+    for name, block in record["blocks"].items():
+        linear = model.get_submodule(name)
+        linear.weight.data = rotate_weight(linear.weight.data, block).to(linear.weight.dtype)
+        linear.register_forward_pre_hook(lambda _, args, b=block: (rotate_inputs(args[0], b), *args[1:]))
+    return True
 
 
 def _calibrate(model: torch.nn.Module, ckpt: Checkpoint, recipe: Recipe, plan: Plan,
@@ -374,6 +400,7 @@ def _quantization_config(recipe: Recipe, plan: Plan) -> dict:
         "act_order": recipe.act_order if recipe.wbits else None,
         "clip": recipe.clip if recipe.wbits else None,
         "scaling": recipe.scaling,
+        "rotation": "hadamard" if recipe.rotate else None,
         "activation_bits": recipe.abits,
         "sparsity": None if not specs else {"format": "vnm", "v": spec.v if spec else "per-module", "n": 2,
                                             "m": spec.m if spec else sorted({s.m for s in specs})},
@@ -426,6 +453,7 @@ def _compress(ckpt: Checkpoint, out: Path, recipe: Recipe, plan: Plan, force: bo
     from .sparsity.ast_cli import ast_log_path, ast_workdir, finish_ast_workdir
 
     model = _load_dense(ckpt) if recipe.needs_calibration or recipe.permutes else None
+    rotated = recipe.rotate and _rotate(model, plan)
     ids, norms, calibration = (_calibrate(model, ckpt, recipe, plan, progress) if recipe.needs_calibration
                                else (None, {}, None))
     if ids is not None:
@@ -465,7 +493,7 @@ def _compress(ckpt: Checkpoint, out: Path, recipe: Recipe, plan: Plan, force: bo
         activation_bits = (_choose_activation_bits(model, ids, plan, recipe, progress)
                            if recipe.a8_budget is not None else None)
     if ((permutation is not None and permutation.permutations) or reconstruction is not None or scaling is not None
-            or ast is not None):
+            or ast is not None or rotated):
         modified = model.state_dict()
     scaled = {f"{g}.weight" for g, info in (scaling or {}).get("groups", {}).items()
               if not info.get("online") and modified[f"{g}.weight"].dim() == 1}
@@ -489,6 +517,8 @@ def _compress(ckpt: Checkpoint, out: Path, recipe: Recipe, plan: Plan, force: bo
             if module in plan.schemes:
                 scheme = plan.schemes[module]
                 weight = source(name)
+                if scheme.rotate and not rotated:
+                    weight = rotate_weight(weight, scheme.rotate)
                 score = None
                 if scheme.vnm is not None:
                     score = scores.pop(module) if module in scores else importance(module, weight)
@@ -528,6 +558,8 @@ def _compress(ckpt: Checkpoint, out: Path, recipe: Recipe, plan: Plan, force: bo
             metrics["scaling"] = scaling
         if activation_bits is not None:
             metrics["activation_bits"] = activation_bits
+        if recipe.rotate:
+            metrics["rotation"] = _rotation_record(plan)
         if ast is not None:
             metrics["ast"] = ast
         if gptq_after_ast is not None:

@@ -7,6 +7,8 @@ bfloat16 and float16 keep their raw bytes, INT4 codes are packed two per byte as
 
 from __future__ import annotations
 
+from typing import Callable
+
 import onnx
 import torch
 from onnx import TensorProto, helper
@@ -60,6 +62,7 @@ class Builder:
         self.initializers: list[TensorProto] = []
         self._names: set[str] = set()
         self._consts: dict[tuple, str] = {}
+        self._shared: dict[str, str] = {}
         self.prefix = prefix
 
     def name(self, hint: str) -> str:
@@ -91,6 +94,13 @@ class Builder:
         name = self.name(hint)
         self.initializers.append(tensor_proto(name, t))
         return name
+
+    def shared(self, key: str, make: Callable[[], str]) -> str:
+        """A tensor built once per `key` by `make` (which adds its initializers and nodes) and reused after: a
+        constant many modules share. The first use must come before the others in the graph, as built."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
 
     def add_initializer(self, proto: TensorProto) -> str:
         """Add a ready TensorProto whose name was taken with `name()`."""

@@ -9,6 +9,7 @@
 | V:N:M (float values) | `lowc::VNMGemm` on the artifact's values, columns and positions |
 | V:N:M + INT2/3/4/6/8 | `lowc::VNMQGemm` on the artifact's packed codes, scales, columns and positions |
 | `abits` (A8/A6) | per-token symmetric quantize-dequantize of the input in standard ops (after `Div` by the module's `smooth` factors when it has them), then the above |
+| `rotate` (Hadamard block b) | first, the input times the block-diagonal rotation: `Reshape` to [..., K/b, b], `MatMul` by the b×b input-side matrix (one int8 ±1 initializer per block size shared by all modules, `Cast`, `Mul` by c₁), `Reshape` back |
 | `slorb_group` (SLoRB branch) | plus, in standard ops on the unquantized input: `Slice` + `Reshape` + `ReduceSum` per group of input channels (a short last group summed on its own), `Cast` of the stored `slorb` [R, G] to float32, `Transpose`, `MatMul`, `Add` |
 
 A module whose scheme has no form here (`unsupported_reason`; every scheme lowc writes today has one) is refused, or
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 from onnx import TensorProto
 
-from ..kernels import reference
+from ..kernels import hadamard, reference
 from ..kernels.packing import unpack_int
 from ..scheme import ModuleScheme
 from .onnx_builder import Builder, int4_tensor_proto
@@ -50,6 +51,23 @@ def dense_linear(b: Builder, x: str, weight: str, bias: str | None = None, hint:
     w = b.op("Transpose", [weight], f"{hint}.weight_t", perm=[1, 0])
     y = b.op("MatMul", [x, w], f"{hint}.matmul")
     return y if bias is None else b.op("Add", [y, bias], f"{hint}.out")
+
+
+def _rotate_inputs(b: Builder, x: str, scheme: ModuleScheme) -> str:
+    """x [..., K] rotated as `hadamard.rotate_inputs` does (float32), for a scheme with `rotate`."""
+    block, hint = scheme.rotate, f"{scheme.name}.rotate"
+
+    def matrix() -> str:  # the ±1 matrix as int8 (a quarter of the float bytes) times c₁, a power of two: exact
+        signs = b.initializer(f"hadamard_{block}", hadamard.sylvester(block).to(torch.int8))
+        return b.op("Mul", [b.cast(signs, TensorProto.FLOAT, f"hadamard_{block}.float"),
+                            b.const(hadamard.input_factor(block), torch.float32)], f"hadamard_{block}.scaled")
+
+    h = b.shared(f"hadamard_{block}", matrix)
+    leading = b.op("Slice", [b.op("Shape", [x], f"{hint}.shape"), b.const([0]), b.const([-1])], f"{hint}.lead")
+    blocks = b.op("Reshape", [x, b.op("Concat", [leading, b.const([scheme.shape[1] // block, block])],
+                                      f"{hint}.blocks_shape", axis=0)], f"{hint}.blocks")
+    rotated = b.op("MatMul", [blocks, h], f"{hint}.matmul")
+    return b.op("Reshape", [rotated, b.op("Shape", [x], f"{hint}.x_shape")], f"{hint}.out")
 
 
 def _quantize_inputs(b: Builder, x: str, scheme: ModuleScheme, tensors: dict[str, torch.Tensor]) -> str:
@@ -103,6 +121,8 @@ def _slorb_branch(b: Builder, x: str, y: str, scheme: ModuleScheme, tensors: dic
 def packed_linear(b: Builder, x: str, scheme: ModuleScheme, tensors: dict[str, torch.Tensor]) -> str:
     """Emit y = x Wᵀ (+ b) (+ SLoRB) for a compressed module from its artifact tensors; returns y's name (float32)."""
     name = scheme.name
+    if scheme.rotate:
+        x = _rotate_inputs(b, x, scheme)
     x_in = x
     if scheme.abits is not None:
         x = _quantize_inputs(b, x, scheme, tensors)
@@ -151,6 +171,8 @@ def _dequantize_linear(b: Builder, x: str, scheme: ModuleScheme, tensors: dict[s
 def fallback_linear(b: Builder, x: str, scheme: ModuleScheme, tensors: dict[str, torch.Tensor]) -> str:
     """A module the target cannot express, computed from its dequantized float32 weight (exact, but larger)."""
     weight = b.initializer(f"{scheme.name}.weight", reference.dense_weight(tensors, scheme))
+    if scheme.rotate:
+        x = _rotate_inputs(b, x, scheme)
     x_in = x
     if scheme.abits is not None:
         x = _quantize_inputs(b, x, scheme, tensors)

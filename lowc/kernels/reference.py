@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .hadamard import rotate_inputs
 from .packing import unpack_2bit, unpack_int
 
 
@@ -88,10 +89,13 @@ def packed_linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], scheme) -> 
 
     With `scheme.abits` the inputs are quantized per token first (after dividing them per channel by `smooth` when
     the scheme has it) and the product is taken on the integer codes in float64 (exact, like the kernels' int32
-    accumulation) before the weight and activation scales are applied. With `scheme.slorb_group` the module's SLoRB
-    branch `group_sums(x, slorb_group) @ S.T` (S = the `slorb` tensor [R, ceil(K / slorb_group)]) is added, computed
-    on the module's unquantized input x.
+    accumulation) before the weight and activation scales are applied. With `scheme.rotate` the inputs are first
+    rotated by the block Hadamard transform the stored weight was rotated by (`hadamard.py`, in float32). With
+    `scheme.slorb_group` the module's SLoRB branch `group_sums(x, slorb_group) @ S.T` (S = the `slorb` tensor
+    [R, ceil(K / slorb_group)]) is added, computed on the module's unquantized input x.
     """
+    if getattr(scheme, "rotate", None):
+        x = rotate_inputs(x.float(), scheme.rotate).to(x.dtype)
     weight = dense_weight(tensors, scheme)
     bias = tensors.get("bias")
     slorb = getattr(scheme, "slorb_group", None)

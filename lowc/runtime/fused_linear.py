@@ -48,11 +48,11 @@ def _cat_bias(mods: list[nn.Module]) -> torch.Tensor | None:
 
 def fusable_schemes(schemes: list) -> bool:
     """Whether packed modules of these schemes can share one GEMM as far as their schemes tell: the same bits,
-    group, activation quantization and input features, all or none with a bias (smoothing factors must also be
-    equal, which only the loaded tensors show)."""
+    group, activation quantization, input rotation and input features, all or none with a bias (smoothing factors
+    must also be equal, which only the loaded tensors show)."""
     s0 = schemes[0]
-    same = all((s.bits, s.group, s.abits, s.smooth, s.shape[1]) == (s0.bits, s0.group, s0.abits, s0.smooth,
-                                                                     s0.shape[1]) for s in schemes)
+    same = all((s.bits, s.group, s.abits, s.smooth, s.rotate, s.shape[1])
+               == (s0.bits, s0.group, s0.abits, s0.smooth, s0.rotate, s0.shape[1]) for s in schemes)
     return same and len({bool(s.bias) for s in schemes}) == 1
 
 

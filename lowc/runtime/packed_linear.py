@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import reference
+from ..kernels.hadamard import rotate_inputs
 from ..scheme import ModuleScheme
 
 FAST_BITS = (4, 6, 8)  # weight widths the Triton W{4,6,8}A16 / A8 GEMMs take
@@ -35,7 +36,7 @@ class PackedLinear(torch.nn.Module):
     By default forward decodes through `kernels/reference.py`. After `use_fast_kernel()` (what `lowc.load` does on
     CUDA) a dense INT4/INT6/INT8 module keeps its weight only in the Triton GEMMs' layout (no second copy, no dense
     bf16 weight) and computes fp16/bf16 inputs through `wa16_gemm` (A16) or `wa8_gemm` (A8/A6, after dividing by
-    the `smooth` factors); a V:N:M module moves its weight into the sparse-tensor-core layout of `vnm_spmm` (its
+    the `smooth` factors), after rotating them when the scheme says so; a V:N:M module moves its weight into the sparse-tensor-core layout of `vnm_spmm` (its
     canonical tensors go to host memory, for `packed()`); float32 inputs still take the reference path.
     """
 
@@ -146,7 +147,8 @@ class PackedLinear(torch.nn.Module):
         return out
 
     def dense_weight(self) -> torch.Tensor:
-        """The float32 weight this module computes with (for inspection and tests; not used in forward)."""
+        """The float32 weight this module computes with (for inspection and tests; not used in forward): W R, the
+        weight of the rotated inputs, when the scheme rotates them."""
         return reference.dense_weight(self.packed(), self.scheme)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,6 +165,8 @@ class PackedLinear(torch.nn.Module):
                     x = (x.float() / self.smooth).to(x.dtype)
                 return vnm_spmm.vnm_spmm_int8(x, self.vnm_weight, bias, act_bits=self.scheme.abits)
         if self._k_pad is not None and x.dtype in (torch.float16, torch.bfloat16):
+            if self.scheme.rotate:
+                x = rotate_inputs(x, self.scheme.rotate)
             bias = getattr(self, "bias", None)
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
