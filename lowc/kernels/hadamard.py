@@ -74,4 +74,5 @@ def unrotate_weight(weight: torch.Tensor, block: int) -> torch.Tensor:
     return _apply(weight.float(), block, input_factor(block), torch.float32)
 
 
-__all__ = ["rotation_block", "check_block", "sylvester", "input_factor", "rotate_inputs", "rotate_weight", "unrotate_weight", "MAX_BLOCK"]
+__all__ = ["rotation_block", "check_block", "sylvester", "input_factor", "rotate_inputs", "rotate_weight",
+           "unrotate_weight", "MAX_BLOCK"]

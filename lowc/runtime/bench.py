@@ -49,11 +49,12 @@ def module_bytes(model: torch.nn.Module) -> int:
 
 @torch.inference_mode()
 def bench_prefill(model: torch.nn.Module, lengths: Sequence[int], repeats: int = 3,
-                  attention: str = "sdpa") -> list[dict]:
+                  attention: str = "sdpa", cache_dtype: torch.dtype | None = None) -> list[dict]:
     """Prefill tokens/s of one prompt per length (median of `repeats` after one warm-up)."""
     max_pos = model.config.max_position_embeddings
     lengths = sorted({min(n, max_pos) for n in lengths})
-    engine = Engine(model, max_batch=1, max_seq_len=max(max(lengths), 2), cuda_graphs=False, attention=attention)
+    engine = Engine(model, max_batch=1, max_seq_len=max(max(lengths), 2), cuda_graphs=False, attention=attention,
+                    cache_dtype=cache_dtype)
     rows = []
     for n in lengths:
         ids = torch.tensor(_prompt(model.config.vocab_size, n, n), device=engine.device)
@@ -73,16 +74,17 @@ def bench_prefill(model: torch.nn.Module, lengths: Sequence[int], repeats: int =
 
 
 def bench_decode(model: torch.nn.Module, batches: Sequence[int], prompt_tokens: int = 128, new_tokens: int = 64,
-                 cuda_graphs: bool | None = None, attention: str = "sdpa", fuse: bool | None = None) -> list[dict]:
+                 cuda_graphs: bool | None = None, attention: str = "sdpa", fuse: bool | None = None,
+                 cache_dtype: torch.dtype | None = None) -> list[dict]:
     """Decode tokens/s with `batch` requests decoding together (a warm-up round first captures CUDA graphs);
-    `fuse` as in `Engine` (None: the fused decode kernels on CUDA)."""
+    `fuse` and `cache_dtype` as in `Engine` (None: the fused decode kernels on CUDA; the model's dtype)."""
     max_pos = model.config.max_position_embeddings
     new_tokens = max(2, min(new_tokens, max_pos // 2))
     prompt_tokens = max(1, min(prompt_tokens, max_pos - new_tokens))
     rows = []
     for batch in batches:
         engine = Engine(model, max_batch=batch, max_seq_len=prompt_tokens + new_tokens, cuda_graphs=cuda_graphs,
-                        attention=attention, fuse=fuse)
+                        attention=attention, fuse=fuse, cache_dtype=cache_dtype)
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         for round_ in range(2):  # warm-up, measured
             for i in range(batch):
@@ -103,10 +105,12 @@ def bench_decode(model: torch.nn.Module, batches: Sequence[int], prompt_tokens: 
     return rows
 
 
-def bench_ttft(model: torch.nn.Module, prompt_tokens: int = 512, repeats: int = 3, attention: str = "sdpa") -> dict:
+def bench_ttft(model: torch.nn.Module, prompt_tokens: int = 512, repeats: int = 3, attention: str = "sdpa",
+               cache_dtype: torch.dtype | None = None) -> dict:
     """Time from submit to the first generated token for one request alone (median)."""
     prompt_tokens = min(prompt_tokens, model.config.max_position_embeddings - 1)
-    engine = Engine(model, max_batch=1, max_seq_len=prompt_tokens + 1, cuda_graphs=False, attention=attention)
+    engine = Engine(model, max_batch=1, max_seq_len=prompt_tokens + 1, cuda_graphs=False, attention=attention,
+                    cache_dtype=cache_dtype)
     params = SamplingParams(max_tokens=1, ignore_eos=True)
     times = []
     for r in range(repeats + 1):
@@ -121,8 +125,9 @@ def bench_ttft(model: torch.nn.Module, prompt_tokens: int = 512, repeats: int = 
 def run_bench(path: str | Path, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
               prefill: Sequence[int] = (512, 2048, 8192), batches: Sequence[int] = (1, 8, 32),
               prompt_tokens: int = 128, new_tokens: int = 64, cuda_graphs: bool | None = None,
-              attention: str = "sdpa") -> dict:
-    """Load `path` (artifact or HF checkpoint) and measure everything; one JSON-ready dict."""
+              attention: str = "sdpa", cache_dtype: torch.dtype | None = None) -> dict:
+    """Load `path` (artifact or HF checkpoint) and measure everything; one JSON-ready dict. `cache_dtype`:
+    torch.int8 for the quantized KV cache (default: the model's dtype)."""
     from .load import load
 
     dev = torch.device(device)
@@ -138,11 +143,13 @@ def run_bench(path: str | Path, device: str = "cuda", dtype: torch.dtype = torch
     if getattr(model, "kind", None) != "decoder":
         raise UsageError(f"{path}: lowc bench measures decoders (generation); this model is an encoder")
     weights = module_bytes(model)
-    results = bench_prefill(model, prefill, attention=attention)
-    results.append(bench_ttft(model, attention=attention))
-    results += bench_decode(model, batches, prompt_tokens, new_tokens, cuda_graphs, attention)
+    results = bench_prefill(model, prefill, attention=attention, cache_dtype=cache_dtype)
+    results.append(bench_ttft(model, attention=attention, cache_dtype=cache_dtype))
+    results += bench_decode(model, batches, prompt_tokens, new_tokens, cuda_graphs, attention,
+                            cache_dtype=cache_dtype)
     out = {"model": str(path), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-           "dtype": str(dtype).replace("torch.", ""), "attention": attention, "load_s": load_s,
+           "dtype": str(dtype).replace("torch.", ""), "attention": attention,
+           "kv_cache": str(cache_dtype or dtype).replace("torch.", ""), "load_s": load_s,
            "weight_bytes": weights, "results": results}
     if dev.type == "cuda":
         out["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(dev)

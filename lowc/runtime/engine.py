@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..errors import LowcError, UsageError
 from ..models.llama import apply_rope
 from .fused_linear import fuse_linears
+from .kv_cache import EngineKVCache
 from .generate import SamplingConfig, sample_next
 
 log = logging.getLogger("lowc.runtime.engine")
@@ -258,7 +259,7 @@ class _DecodeGraphs:
         static_tok = torch.zeros(batch, dtype=torch.long, device=dev)
         static_pos = torch.zeros(batch, dtype=torch.long, device=dev)
         # warm-up runs really execute and write position 0 of slots 0..batch-1: keep what active rows have there
-        saved = [(k[:batch, :, 0].clone(), v[:batch, :, 0].clone()) for k, v in zip(eng.k, eng.v)]
+        saved = eng.cache.snapshot(batch, 0)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
@@ -268,9 +269,7 @@ class _DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = eng._decode_forward(static_tok, static_pos, kv_len)
-        for (k, v), (ks, vs) in zip(zip(eng.k, eng.v), saved):
-            k[:batch, :, 0] = ks
-            v[:batch, :, 0] = vs
+        eng.cache.restore(saved, 0)
         log.info("captured a CUDA graph for decode batch %d, keys %d", batch, kv_len)
         return graph, static_tok, static_pos, out
 
@@ -279,7 +278,9 @@ class Engine:
     """Batched, continuously batching generation for a Llama-family model loaded by `lowc.load`.
 
     max_batch: cache slots (requests decoded together); max_seq_len: prompt + generated tokens per request
-    (default: the model's max_position_embeddings); cache_dtype: default the model's dtype; cuda_graphs: None
+    (default: the model's max_position_embeddings); cache_dtype: the model's dtype by default, another float dtype,
+    or torch.int8 for a quantized cache (per-token scales, smoothed keys: about half the memory; `kv_cache.py`);
+    cuda_graphs: None
     means "on when the model is on CUDA"; attention: "sdpa" or "sage" (SageAttention for prefill on CUDA);
     fuse: the fused decode kernels of `kernels/decoder_ops.py` and q/k/v and gate/up projections fused into one
     GEMM each (`fused_linear.py`); None means "on for a 16-bit model on CUDA".
@@ -305,13 +306,12 @@ class Engine:
         emb = model.model.embed_tokens.weight
         self.device, self.dtype = emb.device, emb.dtype
         self.cache_dtype = cache_dtype or self.dtype
-        if self.cache_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise UsageError(f"cache_dtype: the KV cache holds float32, float16 or bfloat16 values, got "
-                             f"{self.cache_dtype} (an INT8 cache with scales is not built into the engine yet)")
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        shape = (self.max_batch, self.n_kv, self.max_seq_len, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(c.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(c.num_hidden_layers)]
+        self.cache = EngineKVCache(c.num_hidden_layers, self.max_batch, self.n_kv, self.max_seq_len, self.head_dim,
+                                   self.cache_dtype, self.device)
+        # the fused decode path's RoPE kernel writes new keys/values here first when the cache is INT8
+        self._staging = (torch.zeros(2, self.max_batch, self.n_kv, 1, self.head_dim, dtype=self.dtype,
+                                     device=self.device) if self.cache.int8 else None)
         self.attention = attention
         if fuse is None:
             fuse = self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
@@ -517,9 +517,8 @@ class Engine:
             k = k.view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
             v = v.view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            self.k[i][slot, :, :T] = k[0]
-            self.v[i][slot, :, :T] = v[0]
-            k, v = k.to(self.cache_dtype).to(q.dtype), v.to(self.cache_dtype).to(q.dtype)
+            self.cache.write_prompt(i, slot, k[0], v[0])
+            k, v = (t[None] for t in self.cache.read(i, slot, T, q.dtype))  # attention sees what decode will
             y = self._attention_prefill(q, k, v)
             x = x + attn.o_proj(y.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim))
             x = x + self._mlp(i, layer.post_attention_layernorm(x))
@@ -541,7 +540,6 @@ class Engine:
         cos, sin = m.rotary_emb(positions, x.dtype)
         cos, sin = cos[:, None, None, :], sin[:, None, None, :]
         mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-        rows = torch.arange(B, device=tokens.device)
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
             q, k, v = self._project_qkv(i, layer.input_layernorm(x))
@@ -549,10 +547,8 @@ class Engine:
             k = k.view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
             v = v.view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            kc, vc = self.k[i], self.v[i]
-            kc[rows, :, positions] = k[:, :, 0].to(self.cache_dtype)
-            vc[rows, :, positions] = v[:, :, 0].to(self.cache_dtype)
-            keys, values = kc[:B, :, :kv_len].to(q.dtype), vc[:B, :, :kv_len].to(q.dtype)
+            self.cache.write_tokens(i, positions, k[:, :, 0], v[:, :, 0])
+            keys, values = self.cache.read(i, slice(0, B), kv_len, q.dtype)
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, group, self.head_dim), keys, values,
                                                attn_mask=mask)
             x = x + attn.o_proj(y.reshape(B, 1, self.n_heads * self.head_dim))
@@ -573,8 +569,13 @@ class Engine:
         h, x = add_rms_norm(x, norms[0].weight, norms[0].eps)
         for i, layer in enumerate(m.layers):
             q, k, v = self._project_qkv(i, h)
-            q = rope_to_cache(q, k, v, cos, sin, positions, self.k[i], self.v[i])
-            keys, values = self.k[i][:B, :, :kv_len].to(q.dtype), self.v[i][:B, :, :kv_len].to(q.dtype)
+            if self.cache.int8:  # rotate into the staging rows, then quantize into the cache
+                staged_k, staged_v = self._staging
+                q = rope_to_cache(q, k, v, cos, sin, torch.zeros_like(positions), staged_k, staged_v)
+                self.cache.write_tokens(i, positions, staged_k[:B, :, 0], staged_v[:B, :, 0])
+            else:
+                q = rope_to_cache(q, k, v, cos, sin, positions, self.cache.k[i], self.cache.v[i])
+            keys, values = self.cache.read(i, slice(0, B), kv_len, q.dtype)
             y = F.scaled_dot_product_attention(q.view(B, self.n_kv, group, self.head_dim), keys, values,
                                                attn_mask=mask)
             o = layer.self_attn.o_proj(y.reshape(B, self.n_heads * self.head_dim))
@@ -681,6 +682,4 @@ class Engine:
             self._active[slot] = last
 
     def _move_slot(self, src: int, dst: int, length: int) -> None:
-        for k, v in zip(self.k, self.v):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
+        self.cache.move_slot(src, dst, length)

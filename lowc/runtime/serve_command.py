@@ -16,9 +16,13 @@ import click
 import torch
 
 from ..errors import UsageError
+from .kv_cache import bytes_per_token
 
 log = logging.getLogger("lowc.runtime.serve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_CHOICES = ("model", "int8")
+KV_CACHE_HELP = ("KV cache: in the model's dtype, or int8 (per-token scales, keys smoothed by their prompt mean: "
+                 "about half the memory, so twice the batch or context fits; logits within ~1e-3 on our reference).")
 
 
 def _device(device: str | None) -> str:
@@ -31,6 +35,10 @@ def _dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _cache_dtype(kv_cache: str) -> torch.dtype | None:
+    return torch.int8 if kv_cache == "int8" else None
+
+
 def _ints(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -41,13 +49,16 @@ def _ints(text: str, flag: str) -> list[int]:
     return values
 
 
-def fit_cache(model: torch.nn.Module, max_batch: int, max_seq_len: int, fraction: float = 0.6) -> int:
-    """`max_batch`, reduced (with a warning) so the KV cache takes at most `fraction` of the free GPU memory."""
+def fit_cache(model: torch.nn.Module, max_batch: int, max_seq_len: int, fraction: float = 0.6,
+              cache_dtype: torch.dtype | None = None) -> int:
+    """`max_batch`, reduced (with a warning) so the KV cache (in `cache_dtype`, default the model's) takes at most
+    `fraction` of the free GPU memory."""
     emb = model.model.embed_tokens.weight
     if emb.device.type != "cuda":
         return max_batch
     c = model.config
-    per_slot = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_seq_len * emb.element_size()
+    per_slot = bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
+                               cache_dtype or emb.dtype) * max_seq_len
     free, _ = torch.cuda.mem_get_info(emb.device)
     fits = max(1, int(free * fraction // per_slot))
     if fits < max_batch:
@@ -77,11 +88,14 @@ def fit_cache(model: torch.nn.Module, max_batch: int, max_seq_len: int, fraction
 @click.option("--attention", type=click.Choice(["sdpa", "sage"]), default="sdpa", show_default=True,
               help="Prefill attention (sage: SageAttention INT8/FP8 kernels on GPU).")
 @click.option("--no-cuda-graphs", is_flag=True, help="Run decode steps eagerly on GPU.")
+@click.option("--kv-cache", type=click.Choice(KV_CACHE_CHOICES), default="model", show_default=True,
+              help=KV_CACHE_HELP)
 @click.option("--shutdown-grace", default=5.0, show_default=True, type=float,
               help="Seconds running requests may go on after Ctrl-C / SIGTERM before their streams are ended.")
 def serve(artifact: Path, host: str, port: int, device: str | None, dtype: str, model_name: str | None,
           max_concurrent: int, max_tokens: int, max_prompt_tokens: int | None, max_batch: int,
-          max_seq_len: int | None, attention: str, no_cuda_graphs: bool, shutdown_grace: float) -> None:
+          max_seq_len: int | None, attention: str, no_cuda_graphs: bool, kv_cache: str,
+          shutdown_grace: float) -> None:
     """Serve a decoder ARTIFACT (or checkpoint) over an OpenAI-compatible HTTP API (/v1/completions, SSE)."""
     try:
         import uvicorn
@@ -103,8 +117,10 @@ def serve(artifact: Path, host: str, port: int, device: str | None, dtype: str, 
     if getattr(model, "kind", None) != "decoder":
         raise UsageError(f"{artifact}: lowc serve runs decoders; this model is an encoder")
     seq_len = max_seq_len or model.config.max_position_embeddings
-    engine = Engine(model, max_batch=fit_cache(model, max_batch, seq_len), max_seq_len=seq_len,
-                    cuda_graphs=False if no_cuda_graphs else None, attention=attention)
+    cache_dtype = _cache_dtype(kv_cache)
+    engine = Engine(model, max_batch=fit_cache(model, max_batch, seq_len, cache_dtype=cache_dtype),
+                    max_seq_len=seq_len, cuda_graphs=False if no_cuda_graphs else None, attention=attention,
+                    cache_dtype=cache_dtype)
     app = create_app(engine, model_name or Path(artifact).resolve().name, limits)
 
     class DrainingServer(uvicorn.Server):
@@ -136,6 +152,8 @@ def serve(artifact: Path, host: str, port: int, device: str | None, dtype: str, 
 @click.option("--new-tokens", default=64, show_default=True, type=int, help="Tokens generated per decode run.")
 @click.option("--attention", type=click.Choice(["sdpa", "sage"]), default="sdpa", show_default=True)
 @click.option("--no-cuda-graphs", is_flag=True, help="Decode eagerly on GPU.")
+@click.option("--kv-cache", type=click.Choice(KV_CACHE_CHOICES), default="model", show_default=True,
+              help=KV_CACHE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--shapes", default="llama-2-7b,llama-2-70b", show_default=True,
               help="bench kernels: model names (llama-2-7b, llama-2-70b) or NxK weight shapes, comma-separated.")
@@ -146,7 +164,8 @@ def serve(artifact: Path, host: str, port: int, device: str | None, dtype: str, 
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="bench kernels: table file (default: lowc/kernels/tables/<this GPU>.json, merged).")
 def bench(path: Path, device: str | None, dtype: str, prefill: str, batches: str, prompt_tokens: int,
-          new_tokens: int, attention: str, no_cuda_graphs: bool, as_json: bool, shapes: str, tokens: str,
+          new_tokens: int, attention: str, no_cuda_graphs: bool, kv_cache: str, as_json: bool, shapes: str,
+          tokens: str,
           bits: str, kernel_names: str, out: Path | None) -> None:
     """Prefill / decode tokens/s, time to first token and GPU memory of an artifact or HF checkpoint at PATH.
 
@@ -163,7 +182,8 @@ def bench(path: Path, device: str | None, dtype: str, prefill: str, batches: str
         raise UsageError("--prompt-tokens must be >= 1 and --new-tokens >= 2")
     out = run_bench(path, device=device, dtype=_dtype(dtype, device), prefill=_ints(prefill, "--prefill"),
                     batches=_ints(batches, "--batch"), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                    cuda_graphs=False if no_cuda_graphs else None, attention=attention)
+                    cuda_graphs=False if no_cuda_graphs else None, attention=attention,
+                    cache_dtype=_cache_dtype(kv_cache))
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
@@ -172,7 +192,8 @@ def bench(path: Path, device: str | None, dtype: str, prefill: str, batches: str
 
     from ..console import format_bytes
 
-    table = Table(title=f"{out['model']}  ({out['device']}, {out['dtype']}, attention {out['attention']})")
+    table = Table(title=f"{out['model']}  ({out['device']}, {out['dtype']}, attention {out['attention']}, "
+                        f"KV cache {out['kv_cache']})")
     table.add_column("case")
     table.add_column("result", justify="right")
     for row in out["results"]:
