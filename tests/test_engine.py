@@ -321,3 +321,33 @@ def test_bench_command_with_an_int8_cache(tiny_llama, capsys):
     cases = [r["case"] for r in report["results"]]
     assert cases[0] == "prefill 8 tokens" and "decode batch 2" in cases
     assert all(r["value"] > 0 for r in report["results"])
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.int8])
+def test_sage_decode_matches_sdpa_decode(model, cache_dtype):
+    """attention="sage" decodes through SageAttention's split-KV kernel with per-row key counts (here, float32 on
+    CPU, through its reference fallback): the tokens of SDPA decoding with the per-row mask, ragged batches and
+    slot reuse included, with the float and the INT8 cache."""
+    ps = prompts(model.config.vocab_size, [3, 17, 9, 30, 5], seed=14)
+    params = [SamplingParams(max_tokens=4 + 2 * i, ignore_eos=True) for i in range(len(ps))]
+    sdpa = Engine(model, max_batch=3, cache_dtype=cache_dtype).generate(ps, params)
+    sage = Engine(model, max_batch=3, cache_dtype=cache_dtype, attention="sage").generate(ps, params)
+    assert [h.token_ids for h in sage] == [h.token_ids for h in sdpa]
+
+
+def test_sage_decode_kernel_in_the_engine(tiny_llama):
+    """The same with the Triton kernel itself (fp16; compiled on a GPU, Triton's interpreter on CPU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    half = randomize_weights(load(tiny_llama)).to(device, torch.float16)
+    ps = prompts(half.config.vocab_size, [3, 17, 9], seed=15)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    for cache_dtype in (None, torch.int8):
+        engines = [Engine(half, max_batch=2, cache_dtype=cache_dtype, attention=a, fuse=False, cuda_graphs=False)
+                   for a in ("sdpa", "sage")]
+        with torch.inference_mode():  # one teacher-forced decode step: logits of the two attention paths
+            logits = [_teacher_forced_logits(e, ps[1]).float() for e in engines]
+        assert float((logits[1] - logits[0]).norm() / logits[0].norm()) < 2e-2
+        if cache_dtype is None:  # (the INT8 cache's kernel also quantizes q: greedy paths part on these sharp weights)
+            tokens = [[h.token_ids for h in e.generate(ps, params)] for e in engines]
+            agree = sum(a == b for x, y in zip(*tokens) for a, b in zip(x, y)) / sum(map(len, tokens[0]))
+            assert agree >= 0.8, agree

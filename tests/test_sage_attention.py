@@ -149,6 +149,33 @@ def test_decode_against_reference(shape):
     assert (lse8.cpu() - ref_lse.cpu()).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("sq", [1, 3])
+def test_decode_with_per_sequence_key_counts(sq):
+    """A batch of caches of different lengths (an engine's slots): each sequence sees only its own kv_lens[b]
+    keys, causal from there; 16-bit and INT8 caches, the kernels and the float32 fallback."""
+    b, hq, hkv, sk, d = 4, 8, 2, 300, 64
+    q, k, v = _qkv(b, hq, hkv, sq, sk, d)
+    lens = torch.tensor([300, 1 + sq, 129, 37], device=DEVICE)
+    ref, ref_lse = attention_reference(q, k, v, True, return_lse=True, kv_lens=lens)
+    for i, n in enumerate(lens.tolist()):  # the reference itself: the same as cutting each cache
+        one = attention_reference(q[i:i + 1], k[i:i + 1, :, :n], v[i:i + 1, :, :n], True)
+        torch.testing.assert_close(ref[i:i + 1], one, rtol=1e-5, atol=1e-5)
+    # garbage past each sequence's keys must not leak in
+    k2, v2 = k.clone(), v.clone()
+    for i, n in enumerate(lens.tolist()):
+        k2[i, :, n:], v2[i, :, n:] = 1e4, float("nan")
+    out, lse = sa.sage_decode(q, (k2, v2), return_lse=True, num_splits=3, kv_lens=lens)
+    _check(out, ref, (0.99999, 0.002))
+    assert (lse.cpu() - ref_lse.cpu()).abs().max() < 1e-3
+    cache = sa.quantize_kv_cache(k, v)
+    out8 = sa.sage_decode(q.to(torch.bfloat16) if not CUDA else q, cache, kv_lens=lens)
+    _check(out8, ref, FP16_PV)
+    fallback = sa.sage_decode(q.float(), (k2.float(), v2.float()), kv_lens=lens)
+    assert fallback.dtype == torch.float32 and torch.allclose(fallback.cpu(), ref.cpu(), atol=1e-4)
+    with pytest.raises(ValueError, match="kv_lens"):
+        sa.sage_decode(q, (k, v), kv_lens=lens[:2])
+
+
 def test_sage_attention_routes_few_queries_to_decode():
     q, k, v = _qkv(1, 4, 2, 2, 200, 64)
     out = sa.sage_attention(q, k, v, causal=True)

@@ -115,13 +115,16 @@ def packed_linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], scheme) -> 
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                        sm_scale: float | None = None, return_lse: bool = False):
+                        sm_scale: float | None = None, return_lse: bool = False,
+                        kv_lens: torch.Tensor | None = None):
     """softmax(q k^T * sm_scale) v in float32: the ground truth for the attention kernels.
 
     q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] with Hq a multiple of Hkv (query head h uses KV head h // (Hq/Hkv)).
     The causal mask is bottom-right aligned: query i sees keys up to i + Sk - Sq, as in decode with a cache; a
     row that sees no key gives zeros (and LSE -inf). sm_scale defaults to 1/sqrt(D). With return_lse also the
-    natural-log sum of exp of the scaled scores [B, Hq, Sq]. Returns float32.
+    natural-log sum of exp of the scaled scores [B, Hq, Sq]. With `kv_lens` [B] sequence b has only its first
+    kv_lens[b] keys (the causal alignment then counts from them): a batch of caches of different lengths. Returns
+    float32.
     """
     q, k, v = q.float(), k.float(), v.float()
     group = q.shape[1] // k.shape[1]
@@ -129,8 +132,16 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if causal:
-        sq, sk = q.shape[-2], k.shape[-2]
+    sq, sk = q.shape[-2], k.shape[-2]
+    if kv_lens is not None:
+        lens = kv_lens.to(q.device, torch.long)[:, None, None]  # [B, 1, 1]
+        cols = torch.arange(sk, device=q.device)[None, None, :]
+        visible = cols < lens
+        if causal:
+            visible = visible & (cols <= lens - sq + torch.arange(sq, device=q.device)[None, :, None])
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        v = v.masked_fill(~(cols < lens)[..., None], 0.0)  # whatever lies past a cache's end
+    elif causal:
         visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
         scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)

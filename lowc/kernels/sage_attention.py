@@ -328,13 +328,14 @@ def _prefill_kernel(Q, KQ, KS, V, VMAX, KSUM, O, LSE, CU_Q, CU_K,
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _decode_kernel(Q, K, V, KSC, VSC, OP, LP,
+def _decode_kernel(Q, K, V, KSC, VSC, KLEN, OP, LP,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_sb, stride_sh,
                    HKV, GROUP, seqlen_q, seqlen_k, keys_per_split, n_splits, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, KV_INT8: tl.constexpr):
-    """Rows are the GROUP query heads x seqlen_q tokens that share KV head hk; keys [split*kps, +kps)."""
+                   CAUSAL: tl.constexpr, KV_INT8: tl.constexpr, VAR_K: tl.constexpr):
+    """Rows are the GROUP query heads x seqlen_q tokens that share KV head hk; keys [split*kps, +kps), cut at the
+    sequence's own key count KLEN[b] when VAR_K (splits past it write an empty partial: LSE -inf)."""
     pid_r = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -359,9 +360,13 @@ def _decode_kernel(Q, K, V, KSC, VSC, OP, LP,
     k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
     sc_off = b.to(tl.int64) * stride_sb + hk * stride_sh
-    last_key = seqlen_k - seqlen_q + t  # bottom-right causal: the last key each row sees
+    if VAR_K:
+        kv_len = tl.load(KLEN + b).to(tl.int32)
+    else:
+        kv_len = seqlen_k
+    last_key = kv_len - seqlen_q + t  # bottom-right causal: the last key each row sees
     lo = split * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, seqlen_k)
+    hi = tl.minimum(lo + keys_per_split, kv_len)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -663,12 +668,16 @@ def _num_splits(work: int, seqlen_k: int, block_n: int, device: torch.device) ->
 
 
 def sage_decode(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | QuantizedKVCache, *, causal: bool = True,
-                sm_scale: float | None = None, return_lse: bool = False, num_splits: int | None = None):
+                sm_scale: float | None = None, return_lse: bool = False, num_splits: int | None = None,
+                kv_lens: torch.Tensor | None = None):
     """Decode attention: q [B, Hq, Sq, D] (Sq small, e.g. 1..16) against a cache of Sk tokens.
 
     `kv` is (k, v) [B, Hkv, Sk, D] in q's 16-bit dtype, or a `QuantizedKVCache` (INT8 Q·K^T per token, V
     dequantized to fp16 in registers). The keys are split over programs (flash-decoding) and merged by a combine
-    kernel; causal is bottom-right aligned (query i sees keys up to Sk - Sq + i). Returns like `sage_attention`.
+    kernel; causal is bottom-right aligned (query i sees keys up to Sk - Sq + i). `kv_lens` (integers [B], each
+    1..Sk, on q's device) gives each sequence its own key count, for a batch of caches of different lengths (a
+    serving engine's slots): keys past it are ignored and the causal alignment counts from it. Returns like
+    `sage_attention`.
     """
     int8 = isinstance(kv, QuantizedKVCache)
     k, v = (kv.k, kv.v) if int8 else kv
@@ -680,11 +689,17 @@ def sage_decode(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | Quantiz
     problem = _kernel_problem(q) if int8 else _kernel_problem(q, k, v)
     if problem is None and not int8 and k.dtype != q.dtype:
         problem = f"q ({q.dtype}) and cache ({k.dtype}) dtypes differ"
+    if kv_lens is not None and tuple(kv_lens.shape) != (b,):
+        raise ValueError(f"kv_lens: expected one key count per sequence [{b}], got {list(kv_lens.shape)}")
     if problem is not None:
         _warn_fallback(problem)
         if int8:
             k, v = kv.dequantize(q.dtype if q.dtype in SUPPORTED_DTYPES else torch.float32)
-        out = _fallback(q, k.to(q.dtype), v.to(q.dtype), causal, sm_scale, return_lse, None, None)
+        if kv_lens is None:
+            out = _fallback(q, k.to(q.dtype), v.to(q.dtype), causal, sm_scale, return_lse, None, None)
+        else:
+            out = attention_reference(q, k, v, causal, sm_scale, return_lse, kv_lens=kv_lens)
+            out = (out[0].to(q.dtype), out[1]) if return_lse else out.to(q.dtype)
         if return_lse and int8:
             out = out[0], out[1] + _mean_shift(q, kv.k_mean, sm_scale)
         return out
@@ -706,12 +721,13 @@ def sage_decode(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | Quantiz
     else:
         ksc = vsc = part_l
         s_strides = (0, 0)
+    lens = part_l if kv_lens is None else kv_lens.to(torch.int32)
     _decode_kernel[(row_blocks, b * hkv, splits)](
-        q, k, v, ksc, vsc, part_o, part_l, q.stride(0), q.stride(1), q.stride(2),
+        q, k, v, ksc, vsc, lens, part_o, part_l, q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *s_strides,
         hkv, group, sq, sk, keys_per_split, splits, sm_scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), KV_INT8=int8,
-        num_warps=4, num_stages=3 if not interpreting() else 1)
+        VAR_K=kv_lens is not None, num_warps=4, num_stages=3 if not interpreting() else 1)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device) if return_lse else part_l
     _combine_kernel[(b * hq * sq,)](

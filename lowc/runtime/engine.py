@@ -281,7 +281,8 @@ class Engine:
     (default: the model's max_position_embeddings); cache_dtype: the model's dtype by default, another float dtype,
     or torch.int8 for a quantized cache (per-token scales, smoothed keys: about half the memory; `kv_cache.py`);
     cuda_graphs: None
-    means "on when the model is on CUDA"; attention: "sdpa" or "sage" (SageAttention for prefill on CUDA);
+    means "on when the model is on CUDA"; attention: "sdpa" or "sage" (SageAttention on CUDA: prefill, and decode
+    steps through its split-KV kernel reading the cache as stored);
     fuse: the fused decode kernels of `kernels/decoder_ops.py` and q/k/v and gate/up projections fused into one
     GEMM each (`fused_linear.py`); None means "on for a 16-bit model on CUDA".
     """
@@ -485,6 +486,24 @@ class Engine:
             return sage_attention(q, k, v, causal=True)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
 
+    def _attention_decode(self, i: int, q: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                          kv_len: int) -> torch.Tensor:
+        """Layer i's attention for one new token per row (rows = slots 0..B-1): queries [B, Hq, (1,) D] against
+        each row's cached keys up to its position; [B, Hq * D]. SDPA on the first kv_len keys with the per-row
+        `mask`, or with attention="sage" SageAttention's split-KV decode kernel, which reads the cache as it is
+        (16-bit, or the INT8 codes: half the bytes) and stops at each row's own length."""
+        B = q.shape[0]
+        if self.attention == "sage":
+            from ..kernels.sage_attention import sage_decode
+
+            y = sage_decode(q.reshape(B, self.n_heads, 1, self.head_dim), self.cache.sage_view(i, B, kv_len),
+                            kv_lens=positions + 1)
+        else:
+            keys, values = self.cache.read(i, slice(0, B), kv_len, q.dtype)
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim),
+                                               keys, values, attn_mask=mask)
+        return y.reshape(B, self.n_heads * self.head_dim)
+
     def _project_qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer i's queries, keys and values [..., heads * head_dim] (one fused GEMM when the layer has one)."""
         attn = self.model.model.layers[i].self_attn
@@ -528,14 +547,13 @@ class Engine:
         """One token per row: rows 0..B-1 (= slots) feed `tokens` [B] at `positions` [B]; logits [B, vocab].
 
         Keys beyond a row's own position are masked, so rows of different lengths share one attention call.
-        Query heads are grouped per KV head ([B, n_kv, group, D] against [B, n_kv, L, D]): GQA without repeating
-        the cache and without needing a backend that supports `enable_gqa` with a mask.
+        Query heads are grouped per KV head ([B, n_kv, group, D] against [B, n_kv, L, D]) for SDPA: GQA without
+        repeating the cache and without needing a backend that supports `enable_gqa` with a mask.
         """
         if self.fuse:
             return self._decode_forward_fused(tokens, positions, kv_len)
         m = self.model.model
         B = tokens.shape[0]
-        group = self.n_heads // self.n_kv
         x = m.embed_tokens(tokens[:, None])
         cos, sin = m.rotary_emb(positions, x.dtype)
         cos, sin = cos[:, None, None, :], sin[:, None, None, :]
@@ -548,10 +566,8 @@ class Engine:
             v = v.view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.cache.write_tokens(i, positions, k[:, :, 0], v[:, :, 0])
-            keys, values = self.cache.read(i, slice(0, B), kv_len, q.dtype)
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, group, self.head_dim), keys, values,
-                                               attn_mask=mask)
-            x = x + attn.o_proj(y.reshape(B, 1, self.n_heads * self.head_dim))
+            y = self._attention_decode(i, q, positions, mask, kv_len)
+            x = x + attn.o_proj(y[:, None])
             x = x + self._mlp(i, layer.post_attention_layernorm(x))
         return self.model.lm_head(m.norm(x))[:, 0].float()
 
@@ -561,7 +577,6 @@ class Engine:
         from ..kernels.decoder_ops import add_rms_norm, rope_to_cache
         m = self.model.model
         B = tokens.shape[0]
-        group = self.n_heads // self.n_kv
         x = m.embed_tokens(tokens)
         cos, sin = m.rotary_emb(positions, x.dtype)
         mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
@@ -575,10 +590,7 @@ class Engine:
                 self.cache.write_tokens(i, positions, staged_k[:B, :, 0], staged_v[:B, :, 0])
             else:
                 q = rope_to_cache(q, k, v, cos, sin, positions, self.cache.k[i], self.cache.v[i])
-            keys, values = self.cache.read(i, slice(0, B), kv_len, q.dtype)
-            y = F.scaled_dot_product_attention(q.view(B, self.n_kv, group, self.head_dim), keys, values,
-                                               attn_mask=mask)
-            o = layer.self_attn.o_proj(y.reshape(B, self.n_heads * self.head_dim))
+            o = layer.self_attn.o_proj(self._attention_decode(i, q, positions, mask, kv_len))
             post = layer.post_attention_layernorm
             h, x = add_rms_norm(x, post.weight, post.eps, o)
             h, x = add_rms_norm(x, norms[i + 1].weight, norms[i + 1].eps, self._mlp(i, h))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UsageError
-from ..kernels.sage_attention import quantize_kv_cache
+from ..kernels.sage_attention import QuantizedKVCache, quantize_kv_cache
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -86,6 +86,15 @@ class EngineKVCache:
             return k.to(dtype), v.to(dtype)
         ks, vs = self.k_scale[layer][slots, ..., :length], self.v_scale[layer][slots, ..., :length]
         return (k.float() * ks[..., None]).to(dtype), (v.float() * vs[..., None]).to(dtype)
+
+    def sage_view(self, layer: int, batch: int, length: int):
+        """Slots 0..batch-1, first `length` tokens, as `sage_decode` takes them: (keys, values) views of a float
+        cache, or a `QuantizedKVCache` over the INT8 codes, scales and key means (no copy of the codes)."""
+        k, v = self.k[layer][:batch, :, :length], self.v[layer][:batch, :, :length]
+        if not self.int8:
+            return k, v
+        return QuantizedKVCache(k, self.k_scale[layer][:batch, :, :length], v, self.v_scale[layer][:batch, :, :length],
+                                self.k_mean[layer][:batch])
 
     def snapshot(self, slots: int, position: int) -> list[torch.Tensor]:
         """Copies of what slots 0..slots-1 hold at `position` (a CUDA-graph warm-up writes there)."""
