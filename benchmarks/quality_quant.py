@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import lowc
+from cpu_report import report_header
 from lowc.runtime import evaluate
 
 SPARSE = dict(vnm="64:2:5", importance="wanda", reconstruct="lstsq")
@@ -201,10 +199,7 @@ def main() -> None:
             "seconds": round(time.time() - started)}]
     else:
         report = {
-            "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-            "versions": {"torch": torch.__version__, "lowc": lowc.__version__, "python": platform.python_version()},
-            "command": " ".join(sys.argv),
-            "date": datetime.date.today().isoformat(),
+            **report_header(),
             "protocol": f"WikiText-2 test, first {args.tokens} tokens, windows of 256, float32; calibration 128x256 "
                         "tokens of WikiText-2 valid",
             "dense_perplexity": dense,

@@ -11,17 +11,14 @@ Also reports all-MiniLM-L6-v2 at 64:2:5 (embedding cosine vs dense on WikiText-2
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import lowc
+from cpu_report import report_header
 from lowc.runtime import evaluate
 
 
@@ -135,10 +132,7 @@ def main() -> None:
                         "kept_total_change": rep["kept_after"] / rep["kept_before"] - 1,
                         "layers_not_raised": {k: round(v, 6) for k, v in list(worse.items())[:20]}})
     report = {
-        "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "versions": {"torch": torch.__version__, "lowc": lowc.__version__, "python": platform.python_version()},
-        "command": " ".join(sys.argv),
-        "date": datetime.date.today().isoformat(),
+        **report_header(),
         "protocol": f"WikiText-2 test, first {args.tokens} tokens, windows of 256, float32; calibration "
                     f"{args.calib_samples}x{args.calib_seqlen} tokens of WikiText-2 valid",
         "dense_perplexity": dense,
