@@ -262,7 +262,8 @@ def test_int8_cache_stores_what_it_reads_back():
     cache.move_slot(2, 0, 10)
     assert torch.equal(cache.read(1, 0, 10, torch.float32)[1], values)
     assert torch.equal(cache.k_mean[1][0], mean[:, 0])
-    sizes = [EngineKVCache(2, 3, 2, 512, 128, dtype, torch.device("cpu")).nbytes for dtype in (torch.int8, torch.bfloat16)]
+    sizes = [EngineKVCache(2, 3, 2, 512, 128, dtype, torch.device("cpu")).nbytes
+             for dtype in (torch.int8, torch.bfloat16)]
     assert sizes[0] / sizes[1] < 0.53 and bytes_per_token(2, 2, 128, torch.bfloat16) * 3 * 512 == sizes[1]
     assert 0 < sizes[0] - bytes_per_token(2, 2, 128, torch.int8) * 3 * 512 <= 2 * 3 * 2 * 128 * 4  # + the key means
 

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from ..errors import LowcError, UsageError
 from ..models.llama import apply_rope
 from .fused_linear import fuse_linears
-from .kv_cache import EngineKVCache
 from .generate import SamplingConfig, sample_next
+from .kv_cache import EngineKVCache
 
 log = logging.getLogger("lowc.runtime.engine")
 
@@ -280,9 +280,8 @@ class Engine:
     max_batch: cache slots (requests decoded together); max_seq_len: prompt + generated tokens per request
     (default: the model's max_position_embeddings); cache_dtype: the model's dtype by default, another float dtype,
     or torch.int8 for a quantized cache (per-token scales, smoothed keys: about half the memory; `kv_cache.py`);
-    cuda_graphs: None
-    means "on when the model is on CUDA"; attention: "sdpa" or "sage" (SageAttention on CUDA: prefill, and decode
-    steps through its split-KV kernel reading the cache as stored);
+    cuda_graphs: None means "on when the model is on CUDA"; attention: "sdpa" or "sage" (SageAttention on CUDA:
+    prefill, and decode steps through its split-KV kernel reading the cache as stored);
     fuse: the fused decode kernels of `kernels/decoder_ops.py` and q/k/v and gate/up projections fused into one
     GEMM each (`fused_linear.py`); None means "on for a 16-bit model on CUDA".
     """

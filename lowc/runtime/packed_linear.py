@@ -35,9 +35,10 @@ class PackedLinear(torch.nn.Module):
 
     By default forward decodes through `kernels/reference.py`. After `use_fast_kernel()` (what `lowc.load` does on
     CUDA) a dense INT4/INT6/INT8 module keeps its weight only in the Triton GEMMs' layout (no second copy, no dense
-    bf16 weight) and computes fp16/bf16 inputs through `wa16_gemm` (A16) or `wa8_gemm` (A8/A6, after dividing by
-    the `smooth` factors), after rotating them when the scheme says so; a V:N:M module moves its weight into the sparse-tensor-core layout of `vnm_spmm` (its
-    canonical tensors go to host memory, for `packed()`); float32 inputs still take the reference path.
+    bf16 weight) and computes fp16/bf16 inputs (rotated first when the scheme says so) through `wa16_gemm` (A16)
+    or `wa8_gemm` (A8/A6, after dividing by the `smooth` factors); a V:N:M module moves its weight into the
+    sparse-tensor-core layout of `vnm_spmm` (its canonical tensors go to host memory, for `packed()`); float32
+    inputs still take the reference path.
     """
 
     def __init__(self, scheme: ModuleScheme, tensors: dict[str, torch.Tensor]):
