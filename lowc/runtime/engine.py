@@ -485,22 +485,28 @@ class Engine:
             return sage_attention(q, k, v, causal=True)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
 
-    def _attention_decode(self, i: int, q: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                          kv_len: int) -> torch.Tensor:
+    def _key_limits(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """What each decode row may attend to, computed once per step: the boolean mask over the first kv_len keys
+        [B, 1, 1, kv_len] for SDPA, or each row's key count [B] (int32) for SageAttention's decode kernel."""
+        if self.attention == "sage":
+            return (positions + 1).to(torch.int32)
+        return (torch.arange(kv_len, device=positions.device)[None, :] <= positions[:, None])[:, None, None, :]
+
+    def _attention_decode(self, i: int, q: torch.Tensor, limits: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Layer i's attention for one new token per row (rows = slots 0..B-1): queries [B, Hq, (1,) D] against
-        each row's cached keys up to its position; [B, Hq * D]. SDPA on the first kv_len keys with the per-row
-        `mask`, or with attention="sage" SageAttention's split-KV decode kernel, which reads the cache as it is
-        (16-bit, or the INT8 codes: half the bytes) and stops at each row's own length."""
+        each row's cached keys up to its position (`limits` from `_key_limits`); [B, Hq * D]. SDPA on the first
+        kv_len keys with the per-row mask, or with attention="sage" SageAttention's split-KV decode kernel, which
+        reads the cache as it is (16-bit, or the INT8 codes: half the bytes) and stops at each row's own length."""
         B = q.shape[0]
         if self.attention == "sage":
             from ..kernels.sage_attention import sage_decode
 
             y = sage_decode(q.reshape(B, self.n_heads, 1, self.head_dim), self.cache.sage_view(i, B, kv_len),
-                            kv_lens=positions + 1)
+                            kv_lens=limits)
         else:
             keys, values = self.cache.read(i, slice(0, B), kv_len, q.dtype)
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim),
-                                               keys, values, attn_mask=mask)
+                                               keys, values, attn_mask=limits)
         return y.reshape(B, self.n_heads * self.head_dim)
 
     def _project_qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -556,7 +562,7 @@ class Engine:
         x = m.embed_tokens(tokens[:, None])
         cos, sin = m.rotary_emb(positions, x.dtype)
         cos, sin = cos[:, None, None, :], sin[:, None, None, :]
-        mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        limits = self._key_limits(positions, kv_len)
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
             q, k, v = self._project_qkv(i, layer.input_layernorm(x))
@@ -565,7 +571,7 @@ class Engine:
             v = v.view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.cache.write_tokens(i, positions, k[:, :, 0], v[:, :, 0])
-            y = self._attention_decode(i, q, positions, mask, kv_len)
+            y = self._attention_decode(i, q, limits, kv_len)
             x = x + attn.o_proj(y[:, None])
             x = x + self._mlp(i, layer.post_attention_layernorm(x))
         return self.model.lm_head(m.norm(x))[:, 0].float()
@@ -578,18 +584,19 @@ class Engine:
         B = tokens.shape[0]
         x = m.embed_tokens(tokens)
         cos, sin = m.rotary_emb(positions, x.dtype)
-        mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        limits = self._key_limits(positions, kv_len)
+        staged_at = torch.zeros_like(positions) if self.cache.int8 else None  # RoPE'd rows land at position 0
         norms = [layer.input_layernorm for layer in m.layers] + [m.norm]
         h, x = add_rms_norm(x, norms[0].weight, norms[0].eps)
         for i, layer in enumerate(m.layers):
             q, k, v = self._project_qkv(i, h)
             if self.cache.int8:  # rotate into the staging rows, then quantize into the cache
                 staged_k, staged_v = self._staging
-                q = rope_to_cache(q, k, v, cos, sin, torch.zeros_like(positions), staged_k, staged_v)
+                q = rope_to_cache(q, k, v, cos, sin, staged_at, staged_k, staged_v)
                 self.cache.write_tokens(i, positions, staged_k[:B, :, 0], staged_v[:B, :, 0])
             else:
                 q = rope_to_cache(q, k, v, cos, sin, positions, self.cache.k[i], self.cache.v[i])
-            o = layer.self_attn.o_proj(self._attention_decode(i, q, positions, mask, kv_len))
+            o = layer.self_attn.o_proj(self._attention_decode(i, q, limits, kv_len))
             post = layer.post_attention_layernorm
             h, x = add_rms_norm(x, post.weight, post.eps, o)
             h, x = add_rms_norm(x, norms[i + 1].weight, norms[i + 1].eps, self._mlp(i, h))

@@ -35,6 +35,7 @@ class EngineKVCache:
             raise UsageError(f"cache_dtype: the KV cache holds float32, float16, bfloat16 or int8 (quantized, with "
                              f"scales) values, got {dtype}")
         self.dtype, self.int8 = dtype, dtype == torch.int8
+        self._slots = torch.arange(slots, device=device)  # row indices for one-token writes, sliced per batch
         shape = (slots, n_kv, length, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
@@ -67,7 +68,7 @@ class EngineKVCache:
 
     def write_tokens(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store one token per slot 0..B-1: keys and values [B, Hkv, D] at `positions` [B]."""
-        rows = torch.arange(k.shape[0], device=k.device)
+        rows = self._slots[: k.shape[0]]
         if not self.int8:
             self.k[layer][rows, :, positions] = k.to(self.dtype)
             self.v[layer][rows, :, positions] = v.to(self.dtype)
