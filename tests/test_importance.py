@@ -44,6 +44,39 @@ def test_input_norms_match_a_plain_forward_with_hooks(tiny_llama, tiny_text):
         assert torch.allclose(norms[name], expected[name], rtol=1e-4), name
 
 
+def test_padding_and_truncation_of_a_tokenizer_json_are_ignored(tmp_path, tiny_text):
+    """sentence-transformers ship tokenizer.json files that pad every text to a fixed length (all-MiniLM-L6-v2: 128);
+    lowc takes raw ids, so calibration windows and embedding means hold no [PAD] tokens."""
+    from tokenizers import Tokenizer
+
+    from conftest import word_tokenizer
+    from lowc.runtime.evaluate import sentence_embeddings
+    from lowc.runtime.tokenizer import TextTokenizer
+
+    word_tokenizer(tmp_path)
+    plain = TextTokenizer(tmp_path, {})
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    tok.enable_padding(length=32, pad_id=0, pad_token="[PAD]")
+    tok.enable_truncation(max_length=4)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert len(tok.encode("the of and to in a").ids) == 32  # what the file asks for
+    padded = TextTokenizer(tmp_path, {})
+    texts = ["the of and to in a", "school time"]
+    assert padded.encode_batch(texts) == plain.encode_batch(texts) and [len(e) for e in plain.encode_batch(texts)] == [6, 2]
+    ids = calibration_ids(padded, tiny_text, samples=4, seqlen=16)
+    assert (ids != 0).all()  # no [PAD] in the windows
+
+    class Mean(torch.nn.Module):  # an "encoder" whose embedding is the mean token id over the mask
+        def embed(self, ids, mask):
+            return ((ids * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True)).float()
+
+        def parameters(self):
+            return iter([torch.zeros(1)])
+
+    got = sentence_embeddings(Mean(), padded, texts, max_length=16)
+    assert got[1, 0] == sum(plain.encode("school time")) / 2
+
+
 def test_calibration_text_too_short(tiny_llama, tiny_text):
     model = lowc.load(tiny_llama)
     with pytest.raises(UsageError, match="lower --calib-samples"):

@@ -21,6 +21,11 @@ class TextTokenizer:
             self.tok = Tokenizer.from_file(str(file))
         except Exception as e:
             raise LowcError(f"{file}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+        # Raw ids: callers choose lengths themselves (evaluation truncates, calibration cuts windows). A tokenizer.json
+        # may carry padding and truncation for its training pipeline (sentence-transformers' all-MiniLM-L6-v2 pads
+        # every text to 128 tokens), which would put [PAD] tokens inside calibration windows and embedding means.
+        self.tok.no_padding()
+        self.tok.no_truncation()
         tcfg = {}
         if (path / "tokenizer_config.json").is_file():
             try:
