@@ -162,3 +162,13 @@ def test_cli_flag_reaches_the_recipe(tiny_llama, tmp_path, capsys):
     code, _, err = run_cli(["compress", tiny_llama, "-o", tmp_path / "bad", "--vnm", "16:2:8", "--wbits", "4",
                             "--rotate"], capsys)
     assert code != 0 and "--rotate" in err and "Traceback" not in err
+
+
+def test_rotation_matrix_first_built_under_inference_mode_still_trains():
+    """The cached matrix is shared: evaluation (inference_mode) may build it before tuning trains through it."""
+    hadamard._matrix.cache_clear()
+    with torch.inference_mode():
+        hadamard.rotate_inputs(torch.randn(2, 64), 64)
+    x = torch.randn(2, 64, requires_grad=True)
+    hadamard.rotate_inputs(x, 64).pow(2).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -51,7 +51,10 @@ def sylvester(block: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=32)
 def _matrix(block: int, factor: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return (sylvester(block) * factor).to(dtype=dtype, device=device)
+    # an ordinary tensor even when first asked for under inference_mode: the cached matrix is shared with code that
+    # trains through the rotation afterwards (autograd cannot save inference tensors)
+    with torch.inference_mode(False):
+        return (sylvester(block) * factor).to(dtype=dtype, device=device)
 
 
 def _apply(x: torch.Tensor, block: int, factor: float, dtype: torch.dtype) -> torch.Tensor:
