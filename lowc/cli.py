@@ -73,6 +73,11 @@ def cli(verbose: bool) -> None:
               help="Rotate the inputs of integer-weight Linears by block Hadamard transforms (up to 128 channels; "
                    "weights rotated to match, inputs online), spreading outliers before A6/A8 and W4 rounding "
                    "(QuaRot). Dense weights; instead of --smooth / --method awq.")
+@click.option("--tune-steps", type=int,
+              help="After rounding, train the scales, biases and norms (integer codes fixed) for this many steps so "
+                   "the quantized model's outputs follow the float model's on --calib text (EfficientQAT E2E-QP; "
+                   "dense integer weights; default 0 = off).")
+@click.option("--tune-lr", type=float, help="Step size of --tune-steps for the scales' log-factors (default 1e-3).")
 @click.option("--scale-alpha", type=float,
               help="Strength (0-1) of --smooth / --method awq factors; default: searched per layer group.")
 @click.option("--group", type=int, help="Input columns per quantization group (default 128).")
@@ -99,8 +104,8 @@ def cli(verbose: bool) -> None:
 @add_ast_options
 def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: float | None, pad_rows: bool | None,
              wbits: int | None, method: str | None, act_order: bool | None, clip: bool | None, abits: str | None,
-             a8_budget: float | None, smooth: bool | None, rotate: bool | None, scale_alpha: float | None,
-             group: int | None,
+             a8_budget: float | None, smooth: bool | None, rotate: bool | None, tune_steps: int | None,
+             tune_lr: float | None, scale_alpha: float | None, group: int | None,
              skip: tuple[str, ...], importance: str | None, reconstruct: str | None,
              permute: bool | None, permute_iterations: int | None,
              calib: Path | None, calib_samples: int | None,
@@ -120,7 +125,8 @@ def compress(checkpoint: Path, output: Path | None, vnm: str | None, sparsity: f
                ("calib_seqlen", calib_seqlen), ("sparsity", sparsity), ("pad_rows", pad_rows), ("permute", permute),
                ("permute_iterations", permute_iterations), ("reconstruct", reconstruct), ("method", method),
                ("abits", None if abits is None else int(abits)), ("a8_budget", a8_budget), ("act_order", act_order),
-               ("clip", clip), ("smooth", smooth), ("rotate", rotate), ("scale_alpha", scale_alpha))
+               ("clip", clip), ("smooth", smooth), ("rotate", rotate), ("tune_steps", tune_steps), ("tune_lr", tune_lr),
+               ("scale_alpha", scale_alpha))
     for key, value in options:
         if value is not None:
             data[key] = value

@@ -44,7 +44,10 @@ class Recipe:
     sensitive to A6, measured on `calib` (FlexQ). rotate: rotate the inputs of every integer-weight Linear by a block
     Hadamard transform (blocks of up to 128 channels; the weights are rotated to match and the inputs online at run
     time), which spreads activation and weight outliers before rounding (QuaRot); dense weights only, and instead of
-    smooth/awq. ast: AST recovery training after V:N:M pruning, a mapping of
+    smooth/awq. tune_steps: after rounding, train what the artifact stores as floats (every group scale, the
+    Linears' biases, the norms) for this many Adam steps so that the quantized model's outputs follow the float
+    model's on `calib`, the integer codes fixed (EfficientQAT's E2E-QP; 0 = off); `tune_lr` is the step size of the
+    scales' log-factors (biases and norms take a tenth). Dense integer weights only. ast: AST recovery training after V:N:M pruning, a mapping of
     `ASTConfig` fields (`{"steps": 500, "slorb": True}`; docs/AST.md); trains on `calib`.
     """
 
@@ -70,6 +73,8 @@ class Recipe:
     smooth: bool = False
     scale_alpha: float | None = None
     rotate: bool = False
+    tune_steps: int = 0
+    tune_lr: float = 1e-3
     ast: dict | None = None
 
     def __post_init__(self) -> None:
@@ -196,6 +201,20 @@ class Recipe:
             if self.scaling is not None:
                 raise UsageError(f"--rotate and {'--smooth' if self.smooth else '--method awq'} both treat outlier "
                                  "channels (per-channel factors would act on unrotated channels); use one of them")
+        if isinstance(self.tune_steps, bool) or not isinstance(self.tune_steps, int) or self.tune_steps < 0:
+            raise UsageError(f"--tune-steps: expected a non-negative integer, got {self.tune_steps!r}")
+        if isinstance(self.tune_lr, bool) or not isinstance(self.tune_lr, (int, float)) \
+                or not 0 < self.tune_lr <= 0.1:
+            raise UsageError(f"--tune-lr: expected a step size above 0 and at most 0.1, got {self.tune_lr!r}")
+        self.tune_lr = float(self.tune_lr)
+        if self.tune_steps:
+            if self.wbits is None:
+                raise UsageError("--tune-steps: tunes the scales of integer weights; give --wbits")
+            if self.vnm is not None:
+                raise UsageError("--tune-steps: tunes dense integer weights; use it without --vnm (AST trains "
+                                 "V:N:M models, docs/AST.md)")
+            if not self.calib:
+                raise UsageError("--tune-steps: trains on calibration text, give --calib FILE")
         if not isinstance(self.permute, bool):
             raise UsageError(f"--permute: expected true or false, got {self.permute!r}")
         if isinstance(self.permute_iterations, bool) or not isinstance(self.permute_iterations, int) \
@@ -219,6 +238,7 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         return (self.method in ("gptq", "awq") or self.smooth or self.a8_budget is not None or self.ast is not None
+                or self.tune_steps > 0
                 or (self.vnm is not None and (self.importance in NEEDS_CALIBRATION or self.reconstruct is not None)))
 
     @property

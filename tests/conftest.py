@@ -76,6 +76,28 @@ def make_tiny_llama(path: Path, config: dict | None = None, max_shard_bytes: int
     return path
 
 
+def make_tiny_bert(path: Path) -> Path:
+    """A random 2-layer BERT with the word tokenizer, whose attention-output LayerNorms make channels 5 and 17
+    15x larger (outliers, as trained BERTs have)."""
+    from lowc.checkpoint import write_checkpoint
+    from lowc.models import build_model
+
+    config = {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": len(WORDS) + 3,
+              "max_position_embeddings": 64, "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12}
+    path.mkdir()
+    word_tokenizer(path)
+    g = torch.Generator().manual_seed(0)
+    state = {k: v.detach().clone() for k, v in build_model(config).state_dict().items()}
+    for k, v in state.items():
+        if v.is_floating_point():
+            state[k] = torch.randn(v.shape, generator=g) * (0.2 if v.dim() > 1 else 0.05) + (1 if "LayerNorm.weight" in k else 0)
+    for i in range(2):  # outlier channels in the LayerNorm outputs, as trained BERTs have
+        state[f"encoder.layer.{i}.attention.output.LayerNorm.weight"][[5, 17]] *= 15
+    write_checkpoint(path, config, state)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A sharded, bf16, random-weight Llama checkpoint directory with a word-level tokenizer (read-only: copy to mutate)."""

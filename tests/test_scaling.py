@@ -213,28 +213,10 @@ def test_scaling_options_checked(options, flag):
         lowc.Recipe(**options)
 
 
-def _tiny_bert(path):
-    from conftest import WORDS, word_tokenizer
-    from lowc.checkpoint import write_checkpoint
-
-    config = {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 64, "intermediate_size": 128,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": len(WORDS) + 3,
-              "max_position_embeddings": 64, "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12}
-    path.mkdir()
-    word_tokenizer(path)
-    g = torch.Generator().manual_seed(0)
-    state = {k: v.detach().clone() for k, v in build_model(config).state_dict().items()}
-    for k, v in state.items():
-        if v.is_floating_point():
-            state[k] = torch.randn(v.shape, generator=g) * (0.2 if v.dim() > 1 else 0.05) + (1 if "LayerNorm.weight" in k else 0)
-    for i in range(2):  # outlier channels in the LayerNorm outputs, as trained BERTs have
-        state[f"encoder.layer.{i}.attention.output.LayerNorm.weight"][[5, 17]] *= 15
-    write_checkpoint(path, config, state)
-    return path
-
-
 def test_smooth_on_an_encoder_keeps_factors_online(tmp_path, tiny_text):
-    bert = _tiny_bert(tmp_path / "bert")
+    from conftest import make_tiny_bert
+
+    bert = make_tiny_bert(tmp_path / "bert")
     common = dict(wbits=8, group=32, abits=8, calib=tiny_text, calib_samples=4, calib_seqlen=16, progress=False)
     out = lowc.compress(bert, tmp_path / "smooth", smooth=True, **common)
     art = open_artifact(out)

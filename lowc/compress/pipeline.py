@@ -29,6 +29,7 @@ from .quant.flexq import activation_sensitivity, choose_a8
 from .quant.gptq import codes_for_scales, gptq_quantize
 from .quant.rtn import quantize_rtn
 from .quant.scaling import scale_model
+from .quant.tune import TuneConfig, frozen_copy, tune_quantized
 from .sparsity.importance import NEEDS_CALIBRATION, importance_scores
 from .sparsity.permute import PermutationReport, permute_model
 from .sparsity.select import layer_type, select_vnm
@@ -306,6 +307,15 @@ def _choose_activation_bits(model: torch.nn.Module, ids: torch.Tensor, plan: Pla
             "sensitivity": {m: {"a6": sensitivity[m][6], "a8": sensitivity[m][8]} for m in ranking}}
 
 
+def _tune(model: torch.nn.Module, teacher: torch.nn.Module, ids: torch.Tensor, plan: Plan, recipe: Recipe,
+          scales: dict[str, torch.Tensor], progress: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Train the quantized model's scales, biases and norms against the float `teacher` (`quant/tune.py`); returns
+    (the manifest's record, the tuned fp16 scales by module)."""
+    tuned, record = tune_quantized(model, teacher, ids, plan.schemes, scales,
+                                   TuneConfig(steps=recipe.tune_steps, lr=recipe.tune_lr), progress=progress)
+    return record, tuned
+
+
 def _start_distributed(recipe: Recipe, device: torch.device) -> tuple[torch.device, bool]:
     """Under torchrun (WORLD_SIZE > 1) with AST: join the process group (NCCL on GPUs, gloo on CPU) so that AST
     trains with FSDP2; every rank calibrates on its own GPU (LOCAL_RANK). Returns (device, whether we joined)."""
@@ -401,6 +411,7 @@ def _quantization_config(recipe: Recipe, plan: Plan) -> dict:
         "clip": recipe.clip if recipe.wbits else None,
         "scaling": recipe.scaling,
         "rotation": "hadamard" if recipe.rotate else None,
+        "tuned_steps": recipe.tune_steps or None,
         "activation_bits": recipe.abits,
         "sparsity": None if not specs else {"format": "vnm", "v": spec.v if spec else "per-module", "n": 2,
                                             "m": spec.m if spec else sorted({s.m for s in specs})},
@@ -458,6 +469,7 @@ def _compress(ckpt: Checkpoint, out: Path, recipe: Recipe, plan: Plan, force: bo
                                else (None, {}, None))
     if ids is not None:
         ids = ids.to(device)
+    teacher = frozen_copy(model) if recipe.tune_steps else None  # the float model (rotated: the same function)
 
     def importance(module: str, weight: torch.Tensor) -> torch.Tensor:
         return importance_scores(weight, recipe.importance, norms.get(module))
@@ -492,17 +504,25 @@ def _compress(ckpt: Checkpoint, out: Path, recipe: Recipe, plan: Plan, force: bo
             static_scales.update(gptq_scales)
         activation_bits = (_choose_activation_bits(model, ids, plan, recipe, progress)
                            if recipe.a8_budget is not None else None)
+    tuning = None
+    if teacher is not None:  # after FlexQ: the Linears it keeps at A8 are tuned with A8 inputs
+        tuning, tuned_scales = _tune(model, teacher, ids, plan, recipe, static_scales, progress)
+        static_scales.update(tuned_scales)
+        del teacher
     if ((permutation is not None and permutation.permutations) or reconstruction is not None or scaling is not None
-            or ast is not None or rotated):
+            or ast is not None or rotated or tuning is not None):
         modified = model.state_dict()
+    # float32 in the artifact: norms that absorbed smoothing factors, and the tuned biases and norms
     scaled = {f"{g}.weight" for g, info in (scaling or {}).get("groups", {}).items()
               if not info.get("online") and modified[f"{g}.weight"].dim() == 1}
+    if tuning is not None and tuning["kept"]:
+        scaled |= set(tuning["other_parameters"])
     del model
 
     def source(name: str) -> torch.Tensor:
-        """A checkpoint tensor as permuted / refitted / scaled in memory: compressed weights in float32, norms that
-        absorbed scaling factors in float32 too (rounding them back would undo part of the factors' work), the rest
-        in the checkpoint's dtype."""
+        """A checkpoint tensor as permuted / refitted / scaled / tuned in memory: compressed weights in float32,
+        norms that absorbed scaling factors and tuned biases and norms in float32 too (rounding them back would undo
+        part of that work), the rest in the checkpoint's dtype."""
         if name not in modified:
             return ckpt.get(name)
         if name.endswith(".weight") and name[: -len(".weight")] in plan.schemes or name in scaled:
@@ -560,6 +580,8 @@ def _compress(ckpt: Checkpoint, out: Path, recipe: Recipe, plan: Plan, force: bo
             metrics["activation_bits"] = activation_bits
         if recipe.rotate:
             metrics["rotation"] = _rotation_record(plan)
+        if tuning is not None:
+            metrics["tuning"] = tuning
         if ast is not None:
             metrics["ast"] = ast
         if gptq_after_ast is not None:
