@@ -103,8 +103,9 @@ def test_demo_on_real_minilm(tmp_path):
     from lowc.demo import run_demo
 
     metrics = run_demo(tmp_path / "demo")
-    # measured: INT6 g128 + bf16 dense tensors gives cosine 0.9932 mean, 0.990 min, 0.727x the bf16 size
-    assert metrics["cosine_mean"] > 0.99 and metrics["cosine_min"] > 0.98
+    # measured: INT6 g128 + bf16 dense tensors gives cosine 0.9965 mean, 0.9953 min (pooled over the real tokens),
+    # 36/40 nearest neighbours kept, 0.727x the bf16 size
+    assert metrics["cosine_mean"] > 0.995 and metrics["cosine_min"] > 0.99
     assert metrics["same_nearest_neighbour"] >= 36
     assert metrics["ratio_vs_bf16"] < 0.75
     # running it again replaces its own artifact
