@@ -47,8 +47,9 @@ class Recipe:
     smooth/awq. tune_steps: after rounding, train what the artifact stores as floats (every group scale, the
     Linears' biases, the norms) for this many Adam steps so that the quantized model's outputs follow the float
     model's on `calib`, the integer codes fixed (EfficientQAT's E2E-QP; 0 = off); `tune_lr` is the step size of the
-    scales' log-factors (biases and norms take a tenth). Dense integer weights only. ast: AST recovery training after V:N:M pruning, a mapping of
-    `ASTConfig` fields (`{"steps": 500, "slorb": True}`; docs/AST.md); trains on `calib`.
+    scales' log-factors (biases and norms take a tenth). Dense integer weights only. ast: AST recovery training
+    after V:N:M pruning, a mapping of `ASTConfig` fields (`{"steps": 500, "slorb": True}`; docs/AST.md); trains on
+    `calib`.
     """
 
     vnm: str | None = None

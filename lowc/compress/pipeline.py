@@ -307,15 +307,6 @@ def _choose_activation_bits(model: torch.nn.Module, ids: torch.Tensor, plan: Pla
             "sensitivity": {m: {"a6": sensitivity[m][6], "a8": sensitivity[m][8]} for m in ranking}}
 
 
-def _tune(model: torch.nn.Module, teacher: torch.nn.Module, ids: torch.Tensor, plan: Plan, recipe: Recipe,
-          scales: dict[str, torch.Tensor], progress: bool) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Train the quantized model's scales, biases and norms against the float `teacher` (`quant/tune.py`); returns
-    (the manifest's record, the tuned fp16 scales by module)."""
-    tuned, record = tune_quantized(model, teacher, ids, plan.schemes, scales,
-                                   TuneConfig(steps=recipe.tune_steps, lr=recipe.tune_lr), progress=progress)
-    return record, tuned
-
-
 def _start_distributed(recipe: Recipe, device: torch.device) -> tuple[torch.device, bool]:
     """Under torchrun (WORLD_SIZE > 1) with AST: join the process group (NCCL on GPUs, gloo on CPU) so that AST
     trains with FSDP2; every rank calibrates on its own GPU (LOCAL_RANK). Returns (device, whether we joined)."""
@@ -506,7 +497,8 @@ def _compress(ckpt: Checkpoint, out: Path, recipe: Recipe, plan: Plan, force: bo
                            if recipe.a8_budget is not None else None)
     tuning = None
     if teacher is not None:  # after FlexQ: the Linears it keeps at A8 are tuned with A8 inputs
-        tuning, tuned_scales = _tune(model, teacher, ids, plan, recipe, static_scales, progress)
+        tuned_scales, tuning = tune_quantized(model, teacher, ids, plan.schemes, static_scales,
+                                              TuneConfig(steps=recipe.tune_steps, lr=recipe.tune_lr), progress)
         static_scales.update(tuned_scales)
         del teacher
     if ((permutation is not None and permutation.permutations) or reconstruction is not None or scaling is not None
