@@ -63,11 +63,12 @@ def _rotate_inputs(b: Builder, x: str, scheme: ModuleScheme) -> str:
                             b.const(hadamard.input_factor(block), torch.float32)], f"hadamard_{block}.scaled")
 
     h = b.shared(f"hadamard_{block}", matrix)
-    leading = b.op("Slice", [b.op("Shape", [x], f"{hint}.shape"), b.const([0]), b.const([-1])], f"{hint}.lead")
+    shape = b.op("Shape", [x], f"{hint}.shape")
+    leading = b.op("Slice", [shape, b.const([0]), b.const([-1])], f"{hint}.lead")
     blocks = b.op("Reshape", [x, b.op("Concat", [leading, b.const([scheme.shape[1] // block, block])],
                                       f"{hint}.blocks_shape", axis=0)], f"{hint}.blocks")
     rotated = b.op("MatMul", [blocks, h], f"{hint}.matmul")
-    return b.op("Reshape", [rotated, b.op("Shape", [x], f"{hint}.x_shape")], f"{hint}.out")
+    return b.op("Reshape", [rotated, shape], f"{hint}.out")
 
 
 def _quantize_inputs(b: Builder, x: str, scheme: ModuleScheme, tensors: dict[str, torch.Tensor]) -> str:

@@ -85,9 +85,11 @@ class _QuantizedWeight:
         s = self.start * torch.exp(self.theta.detach())
         return s.clamp(_FP16_TINY, torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE)
 
+    def _weight(self, scales: torch.Tensor) -> torch.Tensor:
+        return self.codes.float() * per_column(scales, self.scheme.group, self.codes.shape[1])
+
     def _install(self, linear: torch.nn.Linear, args: tuple) -> None:
-        s = self.start * torch.exp(self.theta)
-        linear.weight = self.codes.float() * per_column(s, self.scheme.group, self.codes.shape[1])
+        linear.weight = self._weight(self.start * torch.exp(self.theta))
 
     def finish(self, keep: bool) -> torch.Tensor:
         """Remove the hooks and give the Linear back a Parameter holding codes x the final fp16 scales (or its
@@ -98,30 +100,26 @@ class _QuantizedWeight:
             del self.linear.weight
         if keep:
             scales = self.scales()
-            weight = self.codes.float() * per_column(scales, self.scheme.group, self.codes.shape[1])
-            self.original.data = weight.to(self.original.dtype)
+            self.original.data = self._weight(scales).to(self.original.dtype)
         else:
             scales = self.start.to(SCALE_DTYPE)
         self.linear.weight = self.original
         return scales
 
 
-def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    return model.model.layers if model.kind == "decoder" else model.encoder.layer
-
-
 def _other_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Biases of the Linears and parameters of the norms inside the layers (what else the artifact stores as
-    floats next to the quantized weights), by name."""
+    """Biases of the Linears and parameters of the norms inside the decoder/encoder layers (what else the artifact
+    stores as floats next to the quantized weights), by name."""
+    layers = "model.layers." if model.kind == "decoder" else "encoder.layer."
     out = {}
-    for i, layer in enumerate(_layers(model)):
-        for name, module in layer.named_modules():
-            prefix = f"{'model.layers' if model.kind == 'decoder' else 'encoder.layer'}.{i}.{name}".rstrip(".")
-            params = dict(module.named_parameters(recurse=False))
-            if isinstance(module, torch.nn.Linear) and params.get("bias") is not None:
-                out[f"{prefix}.bias"] = params["bias"]
-            elif "norm" in type(module).__name__.lower():
-                out.update({f"{prefix}.{n}": p for n, p in params.items()})
+    for name, module in model.named_modules():
+        if not name.startswith(layers):
+            continue
+        params = dict(module.named_parameters(recurse=False))
+        if isinstance(module, torch.nn.Linear) and params.get("bias") is not None:
+            out[f"{name}.bias"] = params["bias"]
+        elif "norm" in type(module).__name__.lower():
+            out.update({f"{name}.{n}": p for n, p in params.items()})
     return out
 
 
@@ -140,9 +138,7 @@ def _loss(student: torch.nn.Module, teacher: torch.nn.Module, ids: torch.Tensor)
 
 @torch.no_grad()
 def _mean_loss(student: torch.nn.Module, teacher: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> float:
-    losses = [float(_loss(student, teacher, ids[i:i + batch_size])) * len(ids[i:i + batch_size])
-              for i in range(0, len(ids), batch_size)]
-    return sum(losses) / len(ids)
+    return sum(float(_loss(student, teacher, part)) * len(part) for part in ids.split(batch_size)) / len(ids)
 
 
 def tune_quantized(model: torch.nn.Module, teacher: torch.nn.Module, ids: torch.Tensor,
