@@ -6,7 +6,9 @@ with `triton.testing.do_bench` (median, L2 flushed before every run). Shapes of 
 CUDA-graph replays cycling through copies of the weight larger than L2: launch overhead is left out and every
 weight comes from DRAM. Peers, measured in the same run: cuBLAS bf16 (`torch.nn.functional.linear`), cuBLAS int8
 (`torch._int_mm` on per-channel INT8 weights, with the same activation quantization kernel and a torch epilogue
-for the scales). A device-to-device copy gives the bandwidth ceiling.
+for the scales) and, when onnxruntime-gpu is installed, onnxruntime's 4-bit `MatMulNBits` on the same W4 g128
+weights (decode only; CUDA EP under its CUDA graph, see ort_matmulnbits.py). A device-to-device copy gives the
+bandwidth ceiling.
 
     PYTHONPATH=$PWD python benchmarks/kernels_gemm.py [--quick] [--out DIR]
 
@@ -28,6 +30,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+import ort_matmulnbits
 from lowc.kernels import packing, reference, wa16_gemm as wa16_mod
 from lowc.kernels.lowbit_layout import LowbitWeight, to_lowbit_layout
 from lowc.kernels.wa8_gemm import quantize_rows, wa8_gemm, wa8_reference
@@ -157,6 +160,26 @@ def sweep(n: int, k: int, tokens: list[int]) -> None:
 
 
 COPY_BW = [3.0e12]
+ORT_PEER = "onnxruntime MatMulNBits (CUDA EP, CUDA graph)"
+
+
+def matmulnbits_ms(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, k: int, dense: torch.Tensor,
+                   checks: list) -> float | None:
+    """onnxruntime MatMulNBits on the same W4 g128 weight: checked against the fp32 product, then timed per
+    product over enough weight copies to stream from DRAM (None, with a failed check, when it is wrong)."""
+    codes = packing.unpack_int(qweight, 4, k)
+    n_copies = len(copies(qweight.nbytes, lambda: None))
+    peer = ort_matmulnbits.MatMulNBitsPeer(codes, scales, GROUP, x.shape[0], n_copies)
+    ref = x.float() @ dense.t()
+    err = rel_err(peer(x), ref)
+    ok = err < 8e-3
+    checks.append({"case": f"MatMulNBits {dense.shape[0]}x{k} t{x.shape[0]}", "rel_err_vs_fp32": round(err, 6),
+                   "ok": ok})
+    if not ok:
+        print(f"CHECK FAILED MatMulNBits: rel err {err:.3g}", flush=True)
+        return None
+    peer.run()  # the CUDA graph is captured on the first runs
+    return bench_ms(peer.run) / n_copies
 
 
 def main() -> int:
@@ -183,6 +206,8 @@ def main() -> int:
     shapes = [SHAPES[0], SHAPES[-1]] if args.quick else SHAPES
     tokens = [1, 16, 4096] if args.quick else TOKENS
     copy_bw = copy_bandwidth()
+    with_ort = ort_matmulnbits.cuda_available()
+    print("onnxruntime MatMulNBits peer:", "on" if with_ort else "off (onnxruntime-gpu is not installed)", flush=True)
     rows: list[dict] = []
     checks: list[dict] = []
     table: list[tuple] = []
@@ -215,9 +240,11 @@ def main() -> int:
                                            copies(w_bf16.nbytes, w_bf16.clone))
             else:
                 t_bf16 = bench_ms(lambda: torch.nn.functional.linear(x, w_bf16))
-            t_int = None
+            t_int = t_ort = None
             if m > 16:
                 t_int = bench_ms(lambda: int_mm_linear(x, w8t, w8scale))
+            if with_ort and m <= 16:
+                t_ort = matmulnbits_ms(x, *weights["W4"][:2], k, dense_bf16["W4"], checks)
             kernels = [("W4A16", "W4", "a16"), ("W6A16", "W6", "a16")]
             if m <= 16:
                 kernels.append(("W8A16", "W8", "a16"))
@@ -248,6 +275,8 @@ def main() -> int:
                 else:
                     t = bench_ms(lambda: op(x, w))
                 row(f"{label} {shape}", "ms", t, "cuBLAS bf16 (torch linear)", t_bf16, t_bf16 / t)
+                if t_ort is not None and label == "W4A16":
+                    row(f"{label} {shape}", "ms", t, ORT_PEER, t_ort, t_ort / t)
                 if t_int is not None and kind == "a8":
                     row(f"{label} {shape}", "ms", t, "torch._int_mm W8A8 per-channel incl. act quant", t_int,
                         t_int / t)
@@ -281,8 +310,9 @@ def main() -> int:
            f"{every} at 1 and 16 tokens")
     target("decode W4A16 fraction of measured copy bandwidth on packed bytes", 0.85,
            ratios("W4A16", decode, "device copy (read+write)", "TB/s"), f"{every} at 1 and 16 tokens")
-    target("decode W4A16 speedup vs onnxruntime MatMulNBits", 1.3, [],
-           "not measured: onnxruntime-gpu was not installed in this run")
+    target("decode W4A16 speedup vs onnxruntime MatMulNBits", 1.3, ratios("W4A16", decode, ORT_PEER),
+           f"{every} at 1 and 16 tokens; MatMulNBits on fp16 activations, ours on bf16" if with_ort
+           else "not measured: onnxruntime-gpu was not installed in this run")
     for label in ("W6A8", "W4A8"):
         target(f"prefill {label} speedup vs cuBLAS bf16 (4096 tokens)", 1.15, ratios(label, prefill),
                f"{every}; weights group 128, includes activation quantization (per-channel rows WxA8pc "
