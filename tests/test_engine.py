@@ -270,9 +270,11 @@ def test_int8_cache_stores_what_it_reads_back():
 
 def _teacher_forced_logits(engine, ids):
     """Prefill all but the last token in slot 0, then decode the last one: logits of the final position."""
+    dev = engine.device
     with torch.inference_mode():
-        engine._prefill_forward(torch.tensor(ids[:-1]), 0)
-        return engine._decode_forward(torch.tensor(ids[-1:]), torch.tensor([len(ids) - 1]), 32)[0]
+        engine._prefill_forward(torch.tensor(ids[:-1], device=dev), 0)
+        return engine._decode_forward(torch.tensor(ids[-1:], device=dev), torch.tensor([len(ids) - 1], device=dev),
+                                      32)[0]
 
 
 def test_int8_cache_logits_stay_close_to_the_model(model):
