@@ -309,9 +309,6 @@ class Engine:
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.cache = EngineKVCache(c.num_hidden_layers, self.max_batch, self.n_kv, self.max_seq_len, self.head_dim,
                                    self.cache_dtype, self.device)
-        # the fused decode path's RoPE kernel writes new keys/values here first when the cache is INT8
-        self._staging = (torch.zeros(2, self.max_batch, self.n_kv, 1, self.head_dim, dtype=self.dtype,
-                                     device=self.device) if self.cache.int8 else None)
         self.attention = attention
         if fuse is None:
             fuse = self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
@@ -579,21 +576,19 @@ class Engine:
     def _decode_forward_fused(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """`_decode_forward` on the fused kernels: per layer one launch each for the q/k/v GEMM, RoPE + cache write,
         attention, the o GEMM, residual add + norm, the gate/up GEMM, SiLU·gate, the down GEMM, add + norm."""
-        from ..kernels.decoder_ops import add_rms_norm, rope_to_cache
+        from ..kernels.decoder_ops import add_rms_norm, rope_to_cache, rope_to_int8_cache
         m = self.model.model
-        B = tokens.shape[0]
         x = m.embed_tokens(tokens)
         cos, sin = m.rotary_emb(positions, x.dtype)
         limits = self._key_limits(positions, kv_len)
-        staged_at = torch.zeros_like(positions) if self.cache.int8 else None  # RoPE'd rows land at position 0
         norms = [layer.input_layernorm for layer in m.layers] + [m.norm]
         h, x = add_rms_norm(x, norms[0].weight, norms[0].eps)
         for i, layer in enumerate(m.layers):
             q, k, v = self._project_qkv(i, h)
-            if self.cache.int8:  # rotate into the staging rows, then quantize into the cache
-                staged_k, staged_v = self._staging
-                q = rope_to_cache(q, k, v, cos, sin, staged_at, staged_k, staged_v)
-                self.cache.write_tokens(i, positions, staged_k[:B, :, 0], staged_v[:B, :, 0])
+            c = self.cache
+            if c.int8:  # rotate, quantize and write in one launch
+                q = rope_to_int8_cache(q, k, v, cos, sin, positions, c.k[i], c.v[i], c.k_scale[i], c.v_scale[i],
+                                       c.k_mean[i])
             else:
                 q = rope_to_cache(q, k, v, cos, sin, positions, self.cache.k[i], self.cache.v[i])
             o = layer.self_attn.o_proj(self._attention_decode(i, q, limits, kv_len))
