@@ -33,7 +33,6 @@ def matmulnbits_model(b: np.ndarray, scales: np.ndarray, k: int, copies: int = 1
                       dtype: np.dtype = np.float16):
     """An ONNX model: input A [M, K]; outputs Y0..Y{copies-1} [M, N] = A @ dequant(B_i)^T, one MatMulNBits node
     per copy of the weight (B uint8 [N, blocks, block/2], scales [N, blocks])."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     n, blocks, half = b.shape
@@ -47,7 +46,8 @@ def matmulnbits_model(b: np.ndarray, scales: np.ndarray, k: int, copies: int = 1
         outputs.append(helper.make_tensor_value_info(f"Y{i}", elem, ["M", n]))
     graph = helper.make_graph(nodes, "matmulnbits_peer", [helper.make_tensor_value_info("A", elem, ["M", k])],
                               outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     return model
 
