@@ -590,7 +590,7 @@ class Engine:
                 q = rope_to_int8_cache(q, k, v, cos, sin, positions, c.k[i], c.v[i], c.k_scale[i], c.v_scale[i],
                                        c.k_mean[i])
             else:
-                q = rope_to_cache(q, k, v, cos, sin, positions, self.cache.k[i], self.cache.v[i])
+                q = rope_to_cache(q, k, v, cos, sin, positions, c.k[i], c.v[i])
             o = layer.self_attn.o_proj(self._attention_decode(i, q, limits, kv_len))
             post = layer.post_attention_layernorm
             h, x = add_rms_norm(x, post.weight, post.eps, o)
