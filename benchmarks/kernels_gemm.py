@@ -59,9 +59,14 @@ def bench_rotating_ms(op, weights: list) -> float:
     return bench_ms(graph.replay) / len(weights)
 
 
+def copy_count(tensor_bytes: int) -> int:
+    """How many copies of a tensor hold at least 160 MB (over three times H100's 50 MB L2), 2 to 32."""
+    return max(2, min(32, -(-160_000_000 // tensor_bytes)))
+
+
 def copies(tensor_bytes: int, make) -> list:
-    """Enough copies made by make() to hold at least 160 MB (over three times H100's 50 MB L2)."""
-    return [make() for _ in range(max(2, min(32, -(-160_000_000 // tensor_bytes))))]
+    """copy_count(tensor_bytes) copies made by make()."""
+    return [make() for _ in range(copy_count(tensor_bytes))]
 
 
 def clone_weight(w: LowbitWeight) -> LowbitWeight:
@@ -168,7 +173,7 @@ def matmulnbits_ms(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     """onnxruntime MatMulNBits on the same W4 g128 weight: checked against the fp32 product, then timed per
     product over enough weight copies to stream from DRAM (None, with a failed check, when it is wrong)."""
     codes = packing.unpack_int(qweight, 4, k)
-    n_copies = len(copies(qweight.nbytes, lambda: None))
+    n_copies = copy_count(qweight.nbytes)
     peer = ort_matmulnbits.MatMulNBitsPeer(codes, scales, GROUP, x.shape[0], n_copies)
     ref = x.float() @ dense.t()
     err = rel_err(peer(x), ref)

@@ -69,31 +69,26 @@ class MatMulNBitsPeer:
         import onnxruntime as ort
 
         self.cuda = codes.is_cuda
+        np_dtype = np.float16 if self.cuda else np.float32
         self.dtype = torch.float16 if self.cuda else torch.float32
-        self.n, self.k, self.copies = codes.shape[0], codes.shape[1], copies
-        model = matmulnbits_model(pack_matmulnbits(codes, block), scales.float().cpu().numpy(), self.k, copies,
-                                  np.float16 if self.cuda else np.float32)
+        n, k = codes.shape
+        model = matmulnbits_model(pack_matmulnbits(codes, block), scales.float().cpu().numpy(), k, copies, np_dtype)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if self.cuda:
-            providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1",
-                                                    "device_id": str(codes.device.index or 0)})]
-        else:
-            providers = ["CPUExecutionProvider"]
+        device = codes.device
+        index = (device.index or 0) if self.cuda else 0
+        providers = ([("CUDAExecutionProvider", {"enable_cuda_graph": "1", "device_id": str(index)})] if self.cuda
+                     else ["CPUExecutionProvider"])
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         if self.cuda and "CUDAExecutionProvider" not in self.session.get_providers():
             raise RuntimeError("onnxruntime has no CUDA execution provider here (onnxruntime-gpu is not installed)")
-        device = codes.device
-        self.x = torch.zeros(m, self.k, dtype=self.dtype, device=device)
-        self.ys = [torch.empty(m, self.n, dtype=self.dtype, device=device) for _ in range(copies)]
+        self.x = torch.zeros(m, k, dtype=self.dtype, device=device)
+        self.ys = [torch.empty(m, n, dtype=self.dtype, device=device) for _ in range(copies)]
         self.binding = self.session.io_binding()
         kind = "cuda" if self.cuda else "cpu"
-        index = (device.index or 0) if self.cuda else 0
-        self.binding.bind_input("A", kind, index, np.float16 if self.cuda else np.float32, list(self.x.shape),
-                                self.x.data_ptr())
+        self.binding.bind_input("A", kind, index, np_dtype, list(self.x.shape), self.x.data_ptr())
         for i, y in enumerate(self.ys):
-            self.binding.bind_output(f"Y{i}", kind, index, np.float16 if self.cuda else np.float32, list(y.shape),
-                                     y.data_ptr())
+            self.binding.bind_output(f"Y{i}", kind, index, np_dtype, list(y.shape), y.data_ptr())
 
     def run(self) -> None:
         """One run of the graph (every copy once) on the bound input."""

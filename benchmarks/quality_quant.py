@@ -73,10 +73,10 @@ MINILM = {
         wbits=4, group=32, clip=True, **ROTATE, **dict(TUNE, tune_steps=1000, calib_samples=2000)),
 }
 MINILM_PREFIX = "all-MiniLM-L6-v2 "
-MINILM_PROTOCOL = ("mean over texts of the cosine between mean-pooled embeddings (real tokens only: the tokenizer.json's "
-                   "fixed padding to 128 is not applied since 2026-12-07) of the first 2000 lines of WikiText-2 test, "
-                   "truncated to 256 tokens; calibration 64 windows of 128 tokens of valid (128 windows when tuned, 2000 where "
-                   "the case says so)")
+MINILM_PROTOCOL = ("mean over texts of the cosine between mean-pooled embeddings (real tokens only: the "
+                   "tokenizer.json's fixed padding to 128 is not applied since 2026-12-07) of the first 2000 lines of "
+                   "WikiText-2 test, truncated to 256 tokens; calibration 64 windows of 128 tokens of valid (128 "
+                   "windows when tuned, 2000 where the case says so)")
 
 
 def minilm(lines: list[str], calib: str, tmp: Path, cases: dict[str, dict]) -> list[dict]:

@@ -583,9 +583,9 @@ class Engine:
         limits = self._key_limits(positions, kv_len)
         norms = [layer.input_layernorm for layer in m.layers] + [m.norm]
         h, x = add_rms_norm(x, norms[0].weight, norms[0].eps)
+        c = self.cache
         for i, layer in enumerate(m.layers):
             q, k, v = self._project_qkv(i, h)
-            c = self.cache
             if c.int8:  # rotate, quantize and write in one launch
                 q = rope_to_int8_cache(q, k, v, cos, sin, positions, c.k[i], c.v[i], c.k_scale[i], c.v_scale[i],
                                        c.k_mean[i])
