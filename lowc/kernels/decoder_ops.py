@@ -154,14 +154,13 @@ def _launch_rope(q, k, v, cos, sin, positions, k_cache, v_cache, scales=None, k_
     q_out = torch.empty(B, n_heads, head_dim, device=q.device, dtype=q.dtype)
     half = head_dim // 2
     int8 = scales is not None
-    ks, vs = scales if int8 else (k_cache, v_cache)  # (unused pointers when not INT8)
+    ks, vs = scales if int8 else (k_cache, v_cache)  # the cache itself as unused pointers when not INT8
     mean = k_mean if int8 else k_cache
     _rope_cache_kernel[(B, n_heads + 2 * n_kv)](
         q, k, v, cos, sin, positions, q_out, k_cache, v_cache, ks, vs, mean,
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), q_out.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        ks.stride(0) if int8 else 0, ks.stride(1) if int8 else 0, mean.stride(0) if int8 else 0,
-        mean.stride(1) if int8 else 0,
+        ks.stride(0), ks.stride(1), mean.stride(0), mean.stride(1),
         N_HEADS=n_heads, N_KV=n_kv, HALF=half, BLOCK=triton.next_power_of_2(half), INT8=int8, num_warps=1)
     return q_out
 
