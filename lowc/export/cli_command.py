@@ -24,8 +24,8 @@ from . import export as export_artifact
                    "instead of failing; they are listed in export_manifest.json.")
 @click.option("--opset", type=int, default=21, show_default=True, help="ONNX opset to write (21 to 23).")
 @click.option("--trt-plugins", type=click.Choice(PLUGIN_IMPLEMENTATIONS), default="aot", show_default=True,
-              help="With --target trt: aot embeds the GEMM plugins' compiled kernels in the engine (no Python at run "
-                   "time); jit runs every plugin through its Python implementation. SageAttention is always jit.")
+              help="With --target trt: aot embeds the plugins' compiled Triton kernels in the engine (no Python at run "
+                   "time); jit runs every plugin through its Python implementation.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is an existing lowc export.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export manifest as JSON.")
 def export(artifact: Path, target: str, output: Path | None, allow_fallback: bool, opset: int, trt_plugins: str,

@@ -3,7 +3,9 @@
 A `tensorrt.plugin` AOT implementation (`trtp.aot_impl`) returns, per plugin instance, one kernel's name and PTX, its
 launch parameters (grid as expressions of the input shapes, block, shared memory) and the extra scalar arguments;
 TensorRT embeds the PTX in the engine and launches it with (input pointers..., scalars..., output pointers...), with
-no Python at run time. lowc's kernels for this are `lowc/kernels/canonical_gemm.py`, written in that order.
+no Python at run time. lowc's kernels for this are written in that order: the GEMMs of
+`lowc/kernels/canonical_gemm.py` and the one-kernel SageAttention of `lowc/kernels/sage_single.py` (which smooths
+and quantizes Q and K inside the attention kernel, since an AOT plugin launches exactly one kernel).
 
 This module holds everything but the TensorRT objects, so it runs without TensorRT:
 - `aot_launch(op, shapes, attrs)`: the kernel, its constexprs and its grid and scalars as expressions over the input
@@ -12,9 +14,6 @@ This module holds everything but the TensorRT objects, so it runs without Tensor
   profile scratch pointers, unused by these kernels) removed from the entry so the parameter list is exactly what
   TensorRT passes; it refuses a kernel that would need either scratch buffer;
 - `run_aot(...)` (tests, GPU): launch that PTX through cuda.core with TensorRT's argument list.
-
-SageAttention has no AOT implementation: lowc's attention quantizes Q, K and V in separate kernels before the
-attention kernel, and an AOT plugin launches one kernel; its plugin stays JIT (`tensorrt_plugins.py`).
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-AOT_OPS = ("Int6Gemm", "BTCGemm", "VNMGemm", "VNMQGemm")
+AOT_OPS = ("Int6Gemm", "BTCGemm", "VNMGemm", "VNMQGemm", "SageAttention")
 NUM_WARPS = 4
 # Tactics TensorRT times at engine build (`trtp.autotune`) and passes to the AOT implementation: tile sizes for
 # few tokens (many row tiles, so every SM streams weights) and for many. BLOCK_N is capped at V for V:N:M.
@@ -38,6 +37,8 @@ TACTICS: dict[int, dict[str, int]] = {
     1: dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, BLOCK_B=32),  # decode
     2: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_B=16),  # prefill
 }
+# SageAttention's tiles per tactic: query rows per program (few for decode steps) and keys per block
+ATTENTION_TACTICS: dict[int, dict[str, int]] = {1: dict(BLOCK_M=16, BLOCK_N=64), 2: dict(BLOCK_M=64, BLOCK_N=64)}
 DEFAULT_TACTIC = 2
 # Triton signature strings per dtype name (torch and TensorRT names map onto these)
 POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "uint8": "*u8", "int8": "*i8"}
@@ -51,17 +52,22 @@ def _cdiv(a: int, b: int) -> int:
 class AotLaunch:
     """One plugin instance's kernel: which Triton kernel with which constexprs, and how to launch it."""
 
-    kernel_name: str  # attribute of lowc.kernels.canonical_gemm
-    constexprs: tuple[tuple[str, int], ...]
+    kernel_name: str  # attribute of lowc.kernels.<module>
+    constexprs: tuple[tuple[str, int | float | bool], ...]
     grid: tuple  # (x, y, z) expressions
     scalars: tuple  # int32 expressions, in kernel order after the input pointers
     num_warps: int = NUM_WARPS
+    module: str = "canonical_gemm"
 
     @property
     def kernel(self):
-        from ..kernels import canonical_gemm
+        return _kernel(self.module, self.kernel_name)
 
-        return getattr(canonical_gemm, self.kernel_name)
+
+def _kernel(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(f"lowc.kernels.{module}"), name)
 
 
 def _product(dims: Sequence):
@@ -81,6 +87,8 @@ def aot_launch(op: str, shapes: Sequence[Sequence], attrs: dict, cdiv: Callable 
         raise ValueError(f"no AOT kernel for {op!r} (AOT plugins: {', '.join(AOT_OPS)})")
     if tactic not in TACTICS:
         raise ValueError(f"unknown AOT tactic {tactic} (tactics: {', '.join(map(str, TACTICS))})")
+    if op == "SageAttention":
+        return _attention_launch(shapes, attrs, cdiv, ATTENTION_TACTICS[tactic])
     tiles = TACTICS[tactic]
     x = shapes[0]
     m, n, k = _product(list(x[:-1])), shapes[1][0], x[-1]
@@ -103,6 +111,37 @@ def aot_launch(op: str, shapes: Sequence[Sequence], attrs: dict, cdiv: Callable 
     const.update(BITS=int(attrs["bits"]), GROUP=int(attrs["group"]))  # X, qweight, scales, columns, positions
     return AotLaunch("vnm_qgemm_kernel", tuple(const.items()), grid,
                      (m, n, k, shapes[3][1], shapes[1][1], shapes[4][1], shapes[2][1]))
+
+
+def static_dim(dim, what: str) -> int:
+    """`dim` as an int: an int, or a TensorRT shape expression that is a build-time constant."""
+    if isinstance(dim, int):
+        return dim
+    if getattr(dim, "is_constant", False):
+        return int(dim.constant_value())
+    raise ValueError(f"{what} must be known when the engine is built, got a dimension that varies ({dim!r})")
+
+
+def _is_one(dim) -> bool:
+    return (isinstance(dim, int) or getattr(dim, "is_constant", False)) and static_dim(dim, "") == 1
+
+
+def _attention_launch(shapes: Sequence[Sequence], attrs: dict, cdiv: Callable, tiles: dict) -> AotLaunch:
+    """SageAttention (Q [B, Hq, Sq, D], K, V [B, Hkv, Sk, D], bias [B or 1, 1, 1, Sk or 1]) as one launch of
+    `sage_single_kernel`: a program per BLOCK_M query rows of one (batch, head)."""
+    from ..kernels.sage_single import bias_strides
+
+    q, k, v, bias = shapes
+    if not len(q) == len(k) == len(v) == len(bias) == 4:
+        raise ValueError("SageAttention's AOT kernel takes 4-D Q, K, V and bias")
+    head_dim = static_dim(q[3], "SageAttention's head dim")
+    if head_dim > 256:
+        raise ValueError(f"SageAttention's AOT kernel takes head dims up to 256, got {head_dim}")
+    stride_b, stride_k = bias_strides(bias, _is_one)
+    const = dict(SCALE=float(attrs["scale"]), CAUSAL=bool(attrs["causal"]), HEAD_DIM=head_dim,
+                 BLOCK_D=max(32, 1 << (head_dim - 1).bit_length()), **tiles)
+    return AotLaunch("sage_single_kernel", tuple(const.items()), (cdiv(q[2], tiles["BLOCK_M"]), q[0] * q[1], 1),
+                     (q[2], k[2], q[1], k[1], stride_b, stride_k), module="sage_single")
 
 
 @dataclass(frozen=True)
@@ -141,28 +180,28 @@ def _strip_hidden_params(ptx: str, name: str, keep: int) -> tuple[str, tuple[str
 
 
 @functools.lru_cache(maxsize=None)
-def _compile(kernel_name: str, constexprs: tuple, signature: tuple, arch: int, num_warps: int) -> AotKernel:
+def _compile(module: str, kernel_name: str, constexprs: tuple, signature: tuple, arch: int,
+             num_warps: int) -> AotKernel:
     from ..kernels.wa16_gemm import interpreting
 
     if interpreting():  # Triton's interpreter wraps the kernels; compile them in a process without it
-        request = json.dumps([kernel_name, constexprs, signature, arch, num_warps])
+        request = json.dumps([module, kernel_name, constexprs, signature, arch, num_warps])
         env = {**os.environ, "TRITON_INTERPRET": "0"}
         done = subprocess.run([sys.executable, "-m", __name__, request], env=env, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"compiling {kernel_name} to PTX failed: {done.stderr.strip()[-2000:]}")
         return AotKernel(**{k: tuple(v) if k == "params" else v
                             for k, v in json.loads(done.stdout.splitlines()[-1]).items()})
-    return _compile_here(kernel_name, constexprs, signature, arch, num_warps)
+    return _compile_here(module, kernel_name, constexprs, signature, arch, num_warps)
 
 
-def _compile_here(kernel_name: str, constexprs: tuple, signature: tuple, arch: int, num_warps: int) -> AotKernel:
+def _compile_here(module: str, kernel_name: str, constexprs: tuple, signature: tuple, arch: int,
+                  num_warps: int) -> AotKernel:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ..kernels import canonical_gemm
-
-    fn = getattr(canonical_gemm, kernel_name)
+    fn = _kernel(module, kernel_name)
     const = dict(constexprs)
     runtime = [p for p in fn.arg_names if p not in const]
     if len(runtime) != len(signature):
@@ -187,7 +226,7 @@ def compile_aot(launch: AotLaunch, dtypes: Sequence[str], arch: int = 90) -> Aot
     except KeyError as e:
         raise ValueError(f"AOT kernels take {', '.join(POINTER_TYPES)} tensors, got {e.args[0]}") from None
     signature = (*pointers, *["i32"] * len(launch.scalars), pointers[0])
-    return _compile(launch.kernel_name, launch.constexprs, signature, arch, launch.num_warps)
+    return _compile(launch.module, launch.kernel_name, launch.constexprs, signature, arch, launch.num_warps)
 
 
 def run_triton(launch: AotLaunch, inputs: Sequence, out) -> None:
@@ -208,10 +247,10 @@ def run_aot(kernel: AotKernel, launch: AotLaunch, inputs: Sequence, out) -> None
                                    kernel.shared)
 
 
-if __name__ == "__main__":  # python -m lowc.export.tensorrt_aot '[kernel, constexprs, signature, arch, warps]'
-    name, const, sig, target, warps = json.loads(sys.argv[1])
-    compiled = _compile_here(name, tuple(tuple(c) for c in const), tuple(sig), target, warps)
+if __name__ == "__main__":  # python -m lowc.export.tensorrt_aot '[module, kernel, constexprs, signature, arch, warps]'
+    module_name, name, const, sig, target, warps = json.loads(sys.argv[1])
+    compiled = _compile_here(module_name, name, tuple(tuple(c) for c in const), tuple(sig), target, warps)
     print(json.dumps(dataclasses.asdict(compiled)))
 
 
-__all__ = ["AOT_OPS", "TACTICS", "DEFAULT_TACTIC", "AotLaunch", "AotKernel", "aot_launch", "compile_aot", "run_aot", "run_triton"]
+__all__ = ["AOT_OPS", "TACTICS", "ATTENTION_TACTICS", "static_dim", "DEFAULT_TACTIC", "AotLaunch", "AotKernel", "aot_launch", "compile_aot", "run_aot", "run_triton"]

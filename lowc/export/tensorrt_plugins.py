@@ -12,10 +12,11 @@ shape functions as plain Python over any dimension type (ints here, `tensorrt.pl
 imports `tensorrt.plugin` and registers descriptors and JIT implementations (`trtp.register` + `trtp.impl`). The
 JIT implementation (`trtp.impl`) runs lowc's torch reference kernels on TensorRT's stream (and lowc's Triton
 SageAttention kernel for fp16/bf16 attention on CUDA): correct, not fast, and needs Python in the serving process.
-The four GEMM plugins also have an AOT implementation (`trtp.aot_impl`, `tensorrt_aot.py`): a Triton kernel that
-reads the node's packed tensors as they are, compiled to PTX and embedded in the engine; `build_engine` picks it
-(`PREFER_AOT_PYTHON_PLUGINS`) unless asked for JIT. SageAttention is JIT only. lowc's CUDA C++ kernels (V:N:M SpMM,
-BTC GEMM) need weight layouts the ONNX nodes do not carry, so no plugin runs them.
+Every plugin also has an AOT implementation (`trtp.aot_impl`, `tensorrt_aot.py`): one Triton kernel that reads the
+node's tensors as they are (the GEMMs' packed weights; SageAttention's Q, K, V and bias, quantized inside the
+kernel), compiled to PTX and embedded in the engine; `build_engine` picks it (`PREFER_AOT_PYTHON_PLUGINS`) unless
+asked for JIT. lowc's CUDA C++ kernels (V:N:M SpMM, BTC GEMM) need weight layouts the ONNX nodes do not carry, so
+no plugin runs them.
 """
 
 # No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions' annotations as real
@@ -134,7 +135,7 @@ _AUTOTUNE_TYPES = {"float16": "FP16", "bfloat16": "BF16", "float32": "FP32", "ui
 
 
 def autotune_io_types(input_dtypes: Sequence[str]) -> str:
-    """`AutoTuneCombination` io_types of a GEMM plugin: its inputs' types as they are, the output taking X's."""
+    """`AutoTuneCombination` io_types of an AOT plugin: its inputs' types as they are, the output taking X's."""
     return ",".join(_AUTOTUNE_TYPES[d] for d in (*input_dtypes, input_dtypes[0]))
 
 
@@ -162,8 +163,8 @@ def _define_plugins() -> None:
         params.block_x = kernel.block
         params.shared_mem = kernel.shared
         scalars = trtp.SymIntExprs(len(plan.scalars))
-        for i, s in enumerate(plan.scalars):
-            scalars[i] = trtp.SymInt32(s)
+        for i, s in enumerate(plan.scalars):  # shape expressions, or constant ints (a broadcast bias's 0 stride)
+            scalars[i] = trtp.SymInt32(trtp.ShapeExpr(s) if isinstance(s, int) else s)
         return kernel.name, kernel.ptx, params, scalars
 
     def tune(*tensors):
@@ -291,6 +292,17 @@ def _define_plugins() -> None:
     def _attn_impl(Q: trtp.Tensor, K: trtp.Tensor, V: trtp.Tensor, bias: trtp.Tensor, causal: int, scale: float,
                    outputs: tuple[trtp.Tensor], stream: int) -> None:
         run(OPS["SageAttention"], (Q, K, V, bias), {"causal": causal, "scale": scale}, outputs, stream)
+
+    @trtp.aot_impl(op.plugin_id)
+    def _attn_aot(Q: trtp.TensorDesc, K: trtp.TensorDesc, V: trtp.TensorDesc, bias: trtp.TensorDesc, causal: int,
+                  scale: float, outputs: Tuple[trtp.TensorDesc], tactic: int) -> Tuple[
+                      Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+        return aot(OPS["SageAttention"], (Q, K, V, bias), {"causal": causal, "scale": scale}, tactic)
+
+    @trtp.autotune(op.plugin_id)
+    def _attn_tune(Q: trtp.TensorDesc, K: trtp.TensorDesc, V: trtp.TensorDesc, bias: trtp.TensorDesc,
+                   outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        return tune(Q, K, V, bias)
 
 
 def _arch() -> int:
