@@ -20,7 +20,9 @@ from lowc.export.tensorrt_aot import (AOT_OPS, TACTICS, _strip_hidden_params, ao
                                       compile_aot, run_triton)
 from lowc.kernels.sage_single import sage_single  # noqa: E402
 from lowc.export.tensorrt_engine import network_flags  # noqa: E402
-from lowc.export.tensorrt_plugins import autotune_io_types, plugin_compute, plugin_records  # noqa: E402
+from lowc.export.tensorrt_plugins import (autotune_io_types, plugin_compute, plugin_records,  # noqa: E402
+                                          runtime_module)
+from lowc.kernels import reference  # noqa: E402
 
 AOT_CASES = [c for c in _op_cases() if c[0] in AOT_OPS]
 GEMM_CASES = [c for c in AOT_CASES if c[0] != "SageAttention"]
@@ -115,6 +117,28 @@ def test_kernel_signature_is_inputs_scalars_output(op):
     assert len(params) == len(OPS[op].inputs) + len(launch.scalars) + 1
     assert params[-1] == "y_ptr" and all(p.endswith("_ptr") for p in params[:len(OPS[op].inputs)])
     assert not any(p.endswith("_ptr") for p in params[len(OPS[op].inputs):-1])
+
+
+def test_jit_plugins_run_on_the_runtime_kernels(monkeypatch):
+    """With fast=True (CUDA inputs in TensorRT) an Int6Gemm node's weight goes once into the Triton GEMM's layout and
+    is computed there, not by the reference, within bf16 rounding of it; the same weight tensors reuse that module
+    and other tensors get their own; an INT2 BTCGemm weight has no fast kernel and stays on the reference."""
+    op, feeds, consts, attrs = next(c for c in GEMM_CASES if c[0] == "Int6Gemm")
+    x, weights = feeds["X"].to(torch.bfloat16), list(consts.values())
+    want = plugin_compute(op, [x, *weights], attrs, fast=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(reference, "packed_linear", lambda *a: pytest.fail("took the reference path"))
+        got = plugin_compute(op, [x, *weights], attrs, fast=True)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+    module = runtime_module(op, weights, attrs, x.shape[-1], x.dtype)
+    assert module.kernel == "wa16" and runtime_module(op, weights, attrs, x.shape[-1], x.dtype) is module
+    assert runtime_module(op, [w.clone() for w in weights], attrs, x.shape[-1], x.dtype) is not module
+    bop, bfeeds, bconsts, battrs = next(c for c in GEMM_CASES if c[0] == "BTCGemm" and c[3]["bits"] == 2)
+    assert runtime_module(bop, list(bconsts.values()), battrs, bfeeds["X"].shape[-1], torch.bfloat16) is None
+    bx = bfeeds["X"].to(torch.bfloat16)
+    torch.testing.assert_close(plugin_compute(bop, [bx, *bconsts.values()], battrs, fast=True),
+                               plugin_compute(bop, [bx, *bconsts.values()], battrs, fast=False))
 
 
 class Sym:

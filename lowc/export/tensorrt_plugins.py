@@ -8,10 +8,12 @@ same names.
 
 What is here and testable without TensorRT: the plugin records (name, namespace, version, inputs, attributes), the
 shape functions as plain Python over any dimension type (ints here, `tensorrt.plugin.ShapeExpr` in TensorRT), and
-`plugin_compute`, the torch computation the plugins' `impl` runs. What needs TensorRT: `register_plugins()`, which
+`plugin_compute`, the computation the plugins' `impl` runs. What needs TensorRT: `register_plugins()`, which
 imports `tensorrt.plugin` and registers descriptors and JIT implementations (`trtp.register` + `trtp.impl`). The
-JIT implementation (`trtp.impl`) runs lowc's torch reference kernels on TensorRT's stream (and lowc's Triton
-SageAttention kernel for fp16/bf16 attention on CUDA): correct, not fast, and needs Python in the serving process.
+JIT implementation (`trtp.impl`) runs, on TensorRT's stream, lowc's runtime kernels where they compute the node's
+scheme for fp16/bf16 inputs (the Triton W4/6/8 GEMMs; the CUDA C++ V:N:M SpMM on sparse tensor cores; Triton
+SageAttention), each weight converted to its kernel's layout on the plugin's first call, and the torch reference
+otherwise; it needs Python in the serving process.
 Every plugin also has an AOT implementation (`trtp.aot_impl`, `tensorrt_aot.py`): one Triton kernel that reads the
 node's tensors as they are (the GEMMs' packed weights; SageAttention's Q, K, V and bias, quantized inside the
 kernel), compiled to PTX and embedded in the engine; `build_engine` picks it (`PREFER_AOT_PYTHON_PLUGINS`) unless
@@ -69,8 +71,8 @@ SHAPE_FUNCTIONS = {"Int6Gemm": lambda x, qweight, scales: gemm_output_shape(x, q
 
 
 # ----------------------------------------------------------------------------------------------------- compute
-def _scheme(op: str, x: torch.Tensor, rows: int, attrs: dict) -> ModuleScheme:
-    shape = (rows, x.shape[-1])
+def _scheme(op: str, shape: tuple[int, int], attrs: dict) -> ModuleScheme:
+    """The scheme of a GEMM node's weight of `shape` (rows, input features) with attributes `attrs`."""
     if op == "Int6Gemm":
         return ModuleScheme(op, shape, None, 6, attrs["group"])
     if op == "BTCGemm":
@@ -81,11 +83,46 @@ def _scheme(op: str, x: torch.Tensor, rows: int, attrs: dict) -> ModuleScheme:
     return ModuleScheme(op, shape, vnm, attrs["bits"], attrs["group"])
 
 
-def plugin_compute(op: str, inputs: Sequence[torch.Tensor], attrs: dict) -> torch.Tensor:
-    """What plugin `op` computes, in torch (the plugins' JIT implementation; the ONNX functions compute the same)."""
+_WEIGHT_NAMES = {"Int6Gemm": ("qweight", "scales"), "BTCGemm": ("qweight", "scales"),
+                 "VNMGemm": ("values", "columns", "positions"),
+                 "VNMQGemm": ("qweight", "scales", "columns", "positions")}
+_RUNTIME_MODULES: dict[tuple, torch.nn.Module] = {}
+
+
+def runtime_module(op: str, weights: Sequence[torch.Tensor], attrs: dict, in_features: int, dtype: torch.dtype):
+    """lowc's runtime module (`PackedLinear`) for a GEMM plugin's weight tensors (of `in_features` columns), moved once into its fast
+    kernel's layout for `dtype` inputs (Triton W4/6/8 GEMM, or the CUDA C++ sparse-tensor-core V:N:M SpMM), or None
+    when no fast kernel computes this scheme (INT2/INT3 weights; V:N:M without a CUDA build).
+
+    Kept per weight addresses, shapes, attributes and dtype: an engine's weights are constants at fixed addresses
+    for its lifetime, so each plugin instance converts its weight on its first call only. The converted copy lives
+    beside TensorRT's (a second copy of each weight in GPU memory)."""
+    from ..runtime.packed_linear import PackedLinear, fast_kernel_name
+
+    key = (op, tuple(sorted(attrs.items())), in_features, dtype,
+           *((t.data_ptr(), tuple(t.shape), t.dtype) for t in weights))
+    if key in _RUNTIME_MODULES:
+        return _RUNTIME_MODULES[key]
+    scheme = _scheme(op, (weights[0].shape[0], in_features), attrs)
+    module = None
+    if fast_kernel_name(scheme) is not None:
+        module = PackedLinear(scheme, dict(zip(_WEIGHT_NAMES[op], weights)))
+        if not module.use_fast_kernel(dtype):
+            module = None
+    _RUNTIME_MODULES[key] = module
+    return module
+
+
+def plugin_compute(op: str, inputs: Sequence[torch.Tensor], attrs: dict, fast: bool | None = None) -> torch.Tensor:
+    """What plugin `op` computes, in torch (the plugins' JIT implementation; the ONNX functions compute the same).
+
+    With `fast` (default: for CUDA inputs) fp16/bf16 inputs run on lowc's runtime kernels where one computes the
+    scheme (`runtime_module`; SageAttention on its Triton kernel), else on the torch reference."""
+    fast = inputs[0].is_cuda if fast is None else fast
+    half = inputs[0].dtype in (torch.float16, torch.bfloat16)
     if op == SAGE_ATTENTION.name:
         q, k, v, bias = inputs
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not bias.any():
+        if fast and half and not bias.any():
             from ..kernels.sage_attention import sage_attention
 
             return sage_attention(q, k, v, causal=bool(attrs["causal"]), sm_scale=attrs["scale"])
@@ -98,16 +135,15 @@ def plugin_compute(op: str, inputs: Sequence[torch.Tensor], attrs: dict) -> torc
             visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
             scores = scores.masked_fill(~visible, float("-inf"))
         return torch.matmul(torch.softmax(scores + scores_bias, -1), vr).to(q.dtype)
-    x = inputs[0]
-    if op in ("Int6Gemm", "BTCGemm"):
-        tensors = {"qweight": inputs[1], "scales": inputs[2]}
-    elif op == "VNMGemm":
-        tensors = {"values": inputs[1], "columns": inputs[2], "positions": inputs[3]}
-    elif op == "VNMQGemm":
-        tensors = {"qweight": inputs[1], "scales": inputs[2], "columns": inputs[3], "positions": inputs[4]}
-    else:
+    if op not in _WEIGHT_NAMES:
         raise ValueError(f"unknown lowc op {op!r} (known: {', '.join(OPS)})")
-    return reference.packed_linear(x, tensors, _scheme(op, x, inputs[1].shape[0], attrs))
+    x, weights = inputs[0], inputs[1:]
+    if fast and half:
+        module = runtime_module(op, weights, attrs, x.shape[-1], x.dtype)
+        if module is not None:
+            return module(x)
+    tensors = dict(zip(_WEIGHT_NAMES[op], weights))
+    return reference.packed_linear(x, tensors, _scheme(op, (weights[0].shape[0], x.shape[-1]), attrs))
 
 
 # ---------------------------------------------------------------------------------------------- registration
