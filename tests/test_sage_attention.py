@@ -118,6 +118,24 @@ def test_varlen_matches_per_sequence_reference(pv):
     assert (lse.cpu() - torch.cat(ref_lses).cpu()).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("exp2_fma", [1, 2])
+@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+def test_exp2_on_the_fma_units_matches_the_mufu_exp2(exp2_fma, pv):
+    """P's exp2 computed by the FMA polynomial (every other column, or all) gives the MUFU exp2's output to within
+    the rounding of P (the polynomial's relative error is < 3e-6), including causal rows that see no key."""
+    q, k, v = _qkv(1, 2, 1, 45, 40, 64)
+    base = sa.default_config(64, True, pv == "fp8")
+    mufu, lse = sa.sage_attention(q, k, v, causal=True, pv_dtype=pv, return_lse=True)
+    fma, fma_lse = sa.sage_attention(q, k, v, causal=True, pv_dtype=pv, return_lse=True,
+                                     config=sa.AttnConfig(base.block_m, base.block_n, base.num_warps,
+                                                          base.num_stages, exp2_fma=exp2_fma))
+    assert (fma[:, :, :5] == 0).all()  # the 5 rows that see no key
+    _, rel = _metrics(fma, mufu)
+    assert rel < (2e-3 if pv == "fp16" else 1e-2), rel
+    assert (fma_lse[:, :, 5:] - lse[:, :, 5:]).abs().max() < 1e-4
+    _check(fma, attention_reference(q, k, v, True), FP16_PV if pv == "fp16" else FP8_PV)
+
+
 def test_rows_that_see_no_key_are_zero_and_head_dim_256_runs():
     """Sq > Sk with a bottom-right causal mask: the first Sq - Sk rows see nothing. D = 256 uses small tiles."""
     q, k, v = _qkv(1, 2, 1, 40, 30, 256)

@@ -74,6 +74,7 @@ class AttnConfig:
     num_warps: int = 8
     num_stages: int = 3
     magic_cvt: bool = True  # int32 scores to float by the 1.5*2^23 add instead of a conversion instruction
+    exp2_fma: int = 0  # P's exp2 on the MUFU (0), on the FMA units for half the columns (1) or for all (2)
 
 
 def default_config(head_dim: int, causal: bool, pv_fp8: bool) -> AttnConfig:
@@ -105,6 +106,36 @@ def _to_fp8(x, PREROUND: tl.constexpr):
         bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
         x = bits.to(tl.float32, bitcast=True)
     return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _exp2_fma(x):
+    """2^x with FMA/integer instructions only (the MUFU unit that tl.exp2 uses is the softmax's bottleneck): x =
+    n + f with n = round(x) by the 1.5*2^23 add and f in [-0.5, 0.5], 2^f by its degree-5 Taylor polynomial
+    (relative error < 3e-6), n added to the exponent bits. 0 below 2^-126, as exp2 of a masked -inf is."""
+    xc = tl.maximum(x, -126.0)
+    t = xc + _MAGIC
+    n = t.to(tl.int32, bitcast=True) - _MAGIC_BITS
+    f = xc - (t - _MAGIC)
+    p = 1.3333558146428443e-3 * f + 9.618129107628477e-3
+    p = p * f + 5.550410866482158e-2
+    p = p * f + 0.2402265069591007
+    p = p * f + 0.6931471805599453
+    p = p * f + 1.0
+    r = (p.to(tl.int32, bitcast=True) + (n << 23)).to(tl.float32, bitcast=True)
+    return tl.where(x < -126.0, 0.0, r)
+
+
+@triton.jit
+def _exp2_split(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXP2_FMA: tl.constexpr):
+    """exp2 of a [BLOCK_M, BLOCK_N] tile: all on the MUFU (EXP2_FMA 0), every other column on the FMA units (1),
+    or all on the FMA units (2)."""
+    if EXP2_FMA == 0:
+        return tl.exp2(x)
+    if EXP2_FMA == 2:
+        return _exp2_fma(x)
+    a, b = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))
+    return tl.reshape(tl.join(tl.exp2(a), _exp2_fma(b)), [BLOCK_M, BLOCK_N])
 
 
 @triton.jit
@@ -203,7 +234,7 @@ def _prefill_inner(acc, l_i, m_i, q, q_rs, k_base, ks_base, v_base, stride_vn, s
                    lo, hi, offs_m, offs_n, offs_d, len_k, causal_off,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                    CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, P_SHIFT: tl.constexpr, MAGIC_CVT: tl.constexpr,
-                   PREROUND: tl.constexpr):
+                   PREROUND: tl.constexpr, BLOCK_M: tl.constexpr, EXP2_FMA: tl.constexpr):
     """Online softmax over the key blocks [lo, hi): scores in the log2 domain, P pre-scaled by 2^P_SHIFT."""
     OFFSET: tl.constexpr = _MAGIC if MAGIC_CVT else 0.0
     for start_n in range(lo, hi, BLOCK_N):
@@ -221,7 +252,7 @@ def _prefill_inner(acc, l_i, m_i, q, q_rs, k_base, ks_base, v_base, stride_vn, s
                 keep = keep & (cols[None, :] <= offs_m[:, None] + causal_off)
             f = tl.where(keep, f, float("-inf"))
         m_new = tl.maximum(m_i, (tl.max(f, 1) - OFFSET) * rs)
-        p = tl.exp2(f * rs[:, None] - (rs * OFFSET + m_new - P_SHIFT)[:, None])
+        p = _exp2_split(f * rs[:, None] - (rs * OFFSET + m_new - P_SHIFT)[:, None], BLOCK_M, BLOCK_N, EXP2_FMA)
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -246,7 +277,8 @@ def _prefill_kernel(Q, KQ, KS, V, VMAX, KSUM, O, LSE, CU_Q, CU_K,
                     H, GROUP, seqlen_q, seqlen_k, padded_k, k_stride, qk_scale, sm_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PV_FP8: tl.constexpr, RETURN_LSE: tl.constexpr,
-                    P_SHIFT: tl.constexpr, MAGIC_CVT: tl.constexpr, PREROUND: tl.constexpr):
+                    P_SHIFT: tl.constexpr, MAGIC_CVT: tl.constexpr, PREROUND: tl.constexpr,
+                    EXP2_FMA: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows start first
     bh = tl.program_id(1)
     b = bh // H
@@ -302,10 +334,12 @@ def _prefill_kernel(Q, KQ, KS, V, VMAX, KSUM, O, LSE, CU_Q, CU_K,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _prefill_inner(acc, l_i, m_i, qi, q_rs, k_base, ks_base, v_base, stride_vn, stride_vd,
                                    0, full_hi, offs_m, offs_n, offs_d, len_k, causal_off,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PV_FP8, P_SHIFT, MAGIC_CVT, PREROUND)
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PV_FP8, P_SHIFT, MAGIC_CVT, PREROUND,
+                                   BLOCK_M, EXP2_FMA)
     acc, l_i, m_i = _prefill_inner(acc, l_i, m_i, qi, q_rs, k_base, ks_base, v_base, stride_vn, stride_vd,
                                    full_hi, hi, offs_m, offs_n, offs_d, len_k, causal_off,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PV_FP8, P_SHIFT, MAGIC_CVT, PREROUND)
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PV_FP8, P_SHIFT, MAGIC_CVT, PREROUND,
+                                   BLOCK_M, EXP2_FMA)
 
     out = acc * (1.0 / tl.where(l_i > 0, l_i, 1.0))[:, None]
     if PV_FP8:
@@ -575,7 +609,8 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         *l_strides, hq, hq // hkv, seqlen_q, kv.seqlen_k, kv.padded_k, kv.k_stride, sm_scale * LOG2E, sm_scale,
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=bool(causal),
         VARLEN=varlen, PV_FP8=pv_fp8, RETURN_LSE=return_lse, P_SHIFT=P_SHIFT_FP8 if pv_fp8 else 0.0,
-        MAGIC_CVT=cfg.magic_cvt, PREROUND=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        MAGIC_CVT=cfg.magic_cvt, PREROUND=interpreting(), EXP2_FMA=cfg.exp2_fma, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return (out, lse) if return_lse else out
 
 
