@@ -36,6 +36,7 @@ import torch
 from lowc.kernels import vnm_layout
 from lowc.kernels import vnm_spmm as vnm_mod
 from lowc.kernels.reference import quantize_activations, vnm_to_dense
+from lowc.kernels.vnm_dense import DENSE_PREFILL_TOKENS, vnm_dense_linear
 from lowc.kernels.vnm_layout import VNMInt8Weight, VNMKernelWeight, to_vnm_int8_layout, to_vnm_kernel_layout
 from lowc.kernels.vnm_spmm import VNMConfig, vnm_spmm, vnm_spmm_int8
 
@@ -463,6 +464,15 @@ def main() -> int:
                               flush=True)
                     except Exception as exc:  # noqa: BLE001
                         notes.append(f"alt timing {case}: {type(exc).__name__}: {exc}")
+                if t >= 128:  # the runtime's prefill path: expand to a dense weight, then cuBLAS (vnm_dense)
+                    try:
+                        expanded = bench_ms(lambda: vnm_dense_linear(x, w))
+                        row(f"expanded+cuBLAS:{pname} {n}x{k} t{t}", "ms", expanded, "cuBLAS bf16 (torch linear)",
+                            base, base / expanded)
+                        print(f"         (expanded + cuBLAS, the runtime's path from {DENSE_PREFILL_TOKENS} tokens: "
+                              f"{expanded * 1e3:9.1f} us x{base / expanded:5.2f})", flush=True)
+                    except Exception as exc:  # noqa: BLE001
+                        notes.append(f"expanded timing {case}: {type(exc).__name__}: {exc}")
                 if t <= 16:
                     bw = w.nbytes / (ours * 1e-3)
                     row(f"{case} packed-byte bandwidth", "TB/s", bw / 1e12, "device copy (read+write)",

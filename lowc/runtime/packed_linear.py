@@ -37,8 +37,9 @@ class PackedLinear(torch.nn.Module):
     CUDA) a dense INT4/INT6/INT8 module keeps its weight only in the Triton GEMMs' layout (no second copy, no dense
     bf16 weight) and computes fp16/bf16 inputs (rotated first when the scheme says so) through `wa16_gemm` (A16)
     or `wa8_gemm` (A8/A6, after dividing by the `smooth` factors); a V:N:M module moves its weight into the
-    sparse-tensor-core layout of `vnm_spmm` (its canonical tensors go to host memory, for `packed()`); float32
-    inputs still take the reference path.
+    sparse-tensor-core layout of `vnm_spmm` (its canonical tensors go to host memory, for `packed()`), and with
+    16-bit values computes prefills of `DENSE_PREFILL_TOKENS` or more tokens by expanding that layout into a
+    transient dense weight for cuBLAS (`vnm_dense`); float32 inputs still take the reference path.
     """
 
     def __init__(self, scheme: ModuleScheme, tensors: dict[str, torch.Tensor]):
@@ -160,6 +161,10 @@ class PackedLinear(torch.nn.Module):
             from ..kernels import vnm_spmm
 
             if self.kernel == "vnm" and x.dtype == self.vnm_values.dtype:
+                from ..kernels.vnm_dense import DENSE_PREFILL_TOKENS, vnm_dense_linear
+
+                if x.numel() >= DENSE_PREFILL_TOKENS * self.in_features:  # prefill: expand once, then cuBLAS
+                    return vnm_dense_linear(x, self.vnm_weight, bias)
                 return vnm_spmm.vnm_spmm(x, self.vnm_weight, bias)
             if self.kernel == "vnm_int8":
                 if self.scheme.smooth:
