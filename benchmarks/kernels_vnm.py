@@ -36,7 +36,8 @@ import torch
 from lowc.kernels import vnm_layout
 from lowc.kernels import vnm_spmm as vnm_mod
 from lowc.kernels.reference import quantize_activations, vnm_to_dense
-from lowc.kernels.vnm_dense import DENSE_PREFILL_TOKENS, vnm_dense_linear
+from lowc.kernels.vnm_dense import DENSE_PREFILL_TOKENS, vnm_dense_linear, vnm_int8_lowbit
+from lowc.kernels.wa8_gemm import wa8_gemm
 from lowc.kernels.vnm_layout import VNMInt8Weight, VNMKernelWeight, to_vnm_int8_layout, to_vnm_kernel_layout
 from lowc.kernels.vnm_spmm import VNMConfig, vnm_spmm, vnm_spmm_int8
 
@@ -517,6 +518,19 @@ def main() -> int:
                               2.0 * t * n * k / (ours * 1e-3) / 1e12))
                 print(f"int8-{pattern_name(v, m):8s} {n}x{k} t{t:<5d} {ours * 1e3:9.1f} us  x{base / ours:5.2f} vs "
                       f"cuBLAS (incl. activation quantization; metadata reading {INT8_MODE[0]!r})", flush=True)
+                if t >= 128:  # the runtime's prefill path: expand to dense INT8 codes, then the W8A8 GEMM
+                    try:
+                        ref8 = int8_reference(x, dense8, sc8)
+                        got8 = wa8_gemm(x, vnm_int8_lowbit(w8))
+                        rep = error_report(got8, ref8)
+                        checks.append({**rep, "case": f"expanded+wa8:{case}"})
+                        expanded = bench_ms(lambda: wa8_gemm(x, vnm_int8_lowbit(w8)))
+                        row(f"expanded+wa8:{case}", "ms", expanded, "cuBLAS bf16 (torch linear)", base,
+                            base / expanded)
+                        print(f"         (expanded + W8A8 GEMM, the runtime's path from {DENSE_PREFILL_TOKENS} tokens: "
+                              f"{expanded * 1e3:9.1f} us x{base / expanded:5.2f}, ok={rep['ok']})", flush=True)
+                    except Exception as exc:  # noqa: BLE001
+                        notes.append(f"expanded int8 {case}: {type(exc).__name__}: {exc}")
             del w8, dense8
         del wd
         torch.cuda.empty_cache()

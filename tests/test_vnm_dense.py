@@ -1,5 +1,6 @@
-"""The V:N:M kernel-layout weight expanded to a dense matrix by `vnm_dense_kernel` (Triton; the interpreter on CPU):
-exactly the canonical weight, for every V / M / odd shape of the layout tests, and the prefill product through it."""
+"""V:N:M kernel-layout weights expanded to dense matrices (lowc/kernels/vnm_dense.py; Triton, the interpreter on
+CPU): 16-bit values exactly the canonical weight for every V / M / odd shape of the layout tests, and the prefill
+product through it; INT8 codes and their scales exactly the dense INT8 weight the W8A8 GEMM reads."""
 
 import pytest
 import torch
@@ -31,3 +32,32 @@ def test_dense_linear_matches_the_reference_product():
     want = x.float() @ vnm_to_dense(values.half().float(), columns, packed, 64, 5, (100, 300)).T + bias.float()
     got = vnm_dense_linear(x.to(DEVICE), w.to(DEVICE), bias.to(DEVICE))
     torch.testing.assert_close(got.float().cpu(), want, rtol=2e-3, atol=2e-2)
+
+
+@pytest.mark.parametrize("meta_mode", ["rows", "cols"])
+@pytest.mark.parametrize("v,m,rows,cols,group", [(64, 5, 100, 300, 128), (32, 4, 70, 133, None),
+                                                  (16, 8, 40, 257, 64), (128, 6, 130, 1000, 32),
+                                                  (64, 5, 60, 200, 32)])
+def test_int8_expansion_is_the_canonical_weight(meta_mode, v, m, rows, cols, group):
+    """INT8 codes land on their dense columns under either metadata reading, zeros elsewhere; row scales stay row
+    scales and a group of g kept values becomes the dense group of g*M/2 columns with the same scale."""
+    from lowc.kernels.lowbit_layout import dequantize_lowbit
+    from lowc.kernels.vnm_dense import dense_int8_group, vnm_int8_lowbit
+    from lowc.kernels.vnm_layout import to_vnm_int8_layout
+
+    values, columns, packed, _ = random_canonical(rows, cols, v, m, seed=rows + cols)
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(-31, 32, values.shape, generator=g).masked_fill(values == 0, 0).to(torch.int8)
+    n_scales = 1 if group is None else -(-codes.shape[1] // group)
+    scales = (torch.rand(rows, n_scales, generator=g) * 0.02 + 1e-3).half()
+    w = to_vnm_int8_layout(codes, scales.float(), columns, packed, v, m, (rows, cols), meta_mode=meta_mode,
+                           group=group)
+    if group is not None and group * m // 2 % 32:
+        assert dense_int8_group(w) is None and vnm_int8_lowbit(w) is None  # the GEMM's K tiles cannot fit it
+        return
+    lw = vnm_int8_lowbit(w.to(DEVICE))
+    dense_codes = vnm_to_dense(codes.float(), columns, packed, v, m, (rows, cols))
+    assert torch.equal(lw.codes[:, :cols].float().cpu(), dense_codes) and not lw.codes[:, cols:].any()
+    per_value = scales.float().repeat_interleave(group or codes.shape[1], 1)[:, :codes.shape[1]]
+    want = vnm_to_dense(codes.float() * per_value, columns, packed, v, m, (rows, cols))
+    torch.testing.assert_close(dequantize_lowbit(lw)[:, :cols].float().cpu(), want, rtol=0, atol=0)

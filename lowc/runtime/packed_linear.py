@@ -37,9 +37,9 @@ class PackedLinear(torch.nn.Module):
     CUDA) a dense INT4/INT6/INT8 module keeps its weight only in the Triton GEMMs' layout (no second copy, no dense
     bf16 weight) and computes fp16/bf16 inputs (rotated first when the scheme says so) through `wa16_gemm` (A16)
     or `wa8_gemm` (A8/A6, after dividing by the `smooth` factors); a V:N:M module moves its weight into the
-    sparse-tensor-core layout of `vnm_spmm` (its canonical tensors go to host memory, for `packed()`), and with
-    16-bit values computes prefills of `DENSE_PREFILL_TOKENS` or more tokens by expanding that layout into a
-    transient dense weight for cuBLAS (`vnm_dense`); float32 inputs still take the reference path.
+    sparse-tensor-core layout of `vnm_spmm` (its canonical tensors go to host memory, for `packed()`), and computes
+    prefills of `DENSE_PREFILL_TOKENS` or more tokens by expanding that layout into a transient dense weight
+    (`vnm_dense`): 16-bit for cuBLAS, INT8 codes for the W8A8 GEMM; float32 inputs still take the reference path.
     """
 
     def __init__(self, scheme: ModuleScheme, tensors: dict[str, torch.Tensor]):
@@ -169,7 +169,14 @@ class PackedLinear(torch.nn.Module):
             if self.kernel == "vnm_int8":
                 if self.scheme.smooth:
                     x = (x.float() / self.smooth).to(x.dtype)
-                return vnm_spmm.vnm_spmm_int8(x, self.vnm_weight, bias, act_bits=self.scheme.abits)
+                from ..kernels.vnm_dense import DENSE_PREFILL_TOKENS, dense_int8_group, vnm_int8_lowbit
+
+                weight = self.vnm_weight
+                if x.numel() >= DENSE_PREFILL_TOKENS * self.in_features and dense_int8_group(weight) is not None:
+                    from ..kernels.wa8_gemm import wa8_gemm  # prefill: expand to dense INT8 codes, W8A8 GEMM
+
+                    return wa8_gemm(x, vnm_int8_lowbit(weight), bias, act_bits=self.scheme.abits)
+                return vnm_spmm.vnm_spmm_int8(x, weight, bias, act_bits=self.scheme.abits)
         if self._k_pad is not None and x.dtype in (torch.float16, torch.bfloat16):
             if self.scheme.rotate:
                 x = rotate_inputs(x, self.scheme.rotate)
