@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in gemm_rows:
         print(f"{r['op']:9} {json.dumps(r['attrs']):42} {r['rows']:5} {r['cols']:5} {r['tokens']:4} {r['dtype']:8} "
               f"{r['tactic']:3} {r['rel_error']:8.1e} {r.get('us', ''):>8} {r.get('speed_vs_cublas_dense', ''):>8}")
-    print(f"\n{'JIT plugin':9} {'attrs':42} {'tok':>4} {'dtype':8} {'kernel':9} {'rel err':>8} {'us':>8} {'x cuBLAS':>8}")
+    print(f"\n{'JIT plugin':9} {'attrs':42} {'tok':>4} {'dtype':8} {'kernel':9} {'rel err':>8} {'us':>8} "
+          f"{'x cuBLAS':>8}")
     for r in jit_rows:
         print(f"{r['op']:9} {json.dumps(r['attrs']):42} {r['tokens']:4} {r['dtype']:8} {r['kernel']:9} "
               f"{r['rel_error']:8.1e} {r['us']:8} {r['speed_vs_cublas_dense']:8}")

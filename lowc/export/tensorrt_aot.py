@@ -253,4 +253,5 @@ if __name__ == "__main__":  # python -m lowc.export.tensorrt_aot '[module, kerne
     print(json.dumps(dataclasses.asdict(compiled)))
 
 
-__all__ = ["AOT_OPS", "TACTICS", "ATTENTION_TACTICS", "static_dim", "DEFAULT_TACTIC", "AotLaunch", "AotKernel", "aot_launch", "compile_aot", "run_aot", "run_triton"]
+__all__ = ["AOT_OPS", "TACTICS", "ATTENTION_TACTICS", "DEFAULT_TACTIC", "AotLaunch", "AotKernel", "aot_launch",
+           "compile_aot", "run_aot", "run_triton", "static_dim"]

@@ -18,7 +18,7 @@ Every plugin also has an AOT implementation (`trtp.aot_impl`, `tensorrt_aot.py`)
 node's tensors as they are (the GEMMs' packed weights; SageAttention's Q, K, V and bias, quantized inside the
 kernel), compiled to PTX and embedded in the engine; `build_engine` picks it (`PREFER_AOT_PYTHON_PLUGINS`) unless
 asked for JIT. lowc's CUDA C++ kernels (V:N:M SpMM, BTC GEMM) need weight layouts the ONNX nodes do not carry, so
-no plugin runs them.
+no AOT plugin runs them (the JIT plugins convert the V:N:M weights on their first call; the BTC GEMM stays unused).
 """
 
 # No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions' annotations as real
@@ -90,9 +90,9 @@ _RUNTIME_MODULES: dict[tuple, torch.nn.Module] = {}
 
 
 def runtime_module(op: str, weights: Sequence[torch.Tensor], attrs: dict, in_features: int, dtype: torch.dtype):
-    """lowc's runtime module (`PackedLinear`) for a GEMM plugin's weight tensors (of `in_features` columns), moved once into its fast
-    kernel's layout for `dtype` inputs (Triton W4/6/8 GEMM, or the CUDA C++ sparse-tensor-core V:N:M SpMM), or None
-    when no fast kernel computes this scheme (INT2/INT3 weights; V:N:M without a CUDA build).
+    """lowc's runtime module (`PackedLinear`) for a GEMM plugin's weight tensors (of `in_features` columns), moved
+    once into its fast kernel's layout for `dtype` inputs (Triton W4/6/8 GEMM, or the CUDA C++ sparse-tensor-core
+    V:N:M SpMM), or None when no fast kernel computes this scheme (INT2/INT3 weights; V:N:M without a CUDA build).
 
     Kept per weight addresses, shapes, attributes and dtype: an engine's weights are constants at fixed addresses
     for its lifetime, so each plugin instance converts its weight on its first call only. The converted copy lives
