@@ -40,6 +40,20 @@ def _decode_fusions(art: Artifact, kernels: dict[str, str]) -> dict[str, list[st
     return out
 
 
+def _vnm_path(scheme, kernel: str, tokens: int) -> str:
+    """How a V:N:M module computes `tokens` tokens: the SpMM's fixed tiles, or for prefills a transient dense weight
+    (`kernels/vnm_dense.py`) for cuBLAS or, with A8/A6 inputs, the W8A8 GEMM where its K tiles fit the groups."""
+    from .kernels.vnm_dense import DENSE_PREFILL_TOKENS, dense_group
+
+    if tokens < DENSE_PREFILL_TOKENS:
+        return "sparse tiles by token count"
+    if kernel == "vnm":
+        return "expanded to a dense weight + cuBLAS"
+    kept_group = None if scheme.group >= scheme.stored_columns else scheme.group
+    fits = dense_group(kept_group, scheme.vnm.m) is not None
+    return "expanded to dense INT8 + W8A8 GEMM" if fits else "sparse tiles by token count"
+
+
 def dispatch_configs(art: Artifact, kernels: dict[str, str], fusions: dict[str, list[str]],
                      gpu: str) -> dict[str, dict[str, str]]:
     """Module -> {token bucket: the launch config the GPU model's dispatch table gives (bf16 activations), or
@@ -48,6 +62,7 @@ def dispatch_configs(art: Artifact, kernels: dict[str, str], fusions: dict[str, 
     import torch
 
     from .kernels.dispatch import config_label, read_table
+    from .runtime.packed_linear import layout_bits
 
     table = read_table(gpu)
     out = {}
@@ -56,14 +71,14 @@ def dispatch_configs(art: Artifact, kernels: dict[str, str], fusions: dict[str, 
         if kernel == "reference":
             continue
         if kernel not in TABLE_KERNELS:
-            out[name] = {str(bucket): "fixed tiles by token count" for bucket in TOKEN_BUCKETS}
+            out[name] = {str(bucket): _vnm_path(s, kernel, bucket) for bucket in TOKEN_BUCKETS}
             continue
         configs = {}
         for bucket in TOKEN_BUCKETS:
             rows = s.shape[0]
             if bucket <= 16 and name in fusions:
                 rows = sum(art.schemes[n].shape[0] for n in fusions[name])
-            cfg = table.get((kernel, bucket, rows, s.shape[1], s.bits, s.group, torch.bfloat16))
+            cfg = table.get((kernel, bucket, rows, s.shape[1], layout_bits(s.bits), s.group, torch.bfloat16))
             configs[str(bucket)] = "timed on first use" if cfg is None else config_label(kernel, cfg)
         out[name] = configs
     return out

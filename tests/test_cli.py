@@ -243,6 +243,9 @@ def test_inspect_shows_the_kernel_per_device(tiny_llama, tmp_path, capsys):
     assert code == 0, err
     code, stdout, _ = run_cli(["inspect", sparse, "--json", "--device", "cuda"], capsys)
     assert {m["kernel"] for m in json.loads(stdout)["modules"]} == {"vnm"}  # 16-bit inputs: dequantized at load
+    code, stdout, _ = run_cli(["inspect", sparse, "--json", "--device", "cuda", "--gpu", "Other GPU"], capsys)
+    configs = json.loads(stdout)["modules"][0]["configs"]
+    assert configs["16"] == "sparse tiles by token count" and configs["4096"] == "expanded to a dense weight + cuBLAS"
     sparse_a8 = tmp_path / "vnm-a8"
     code, _, err = run_cli(["compress", tiny_llama, "--vnm", "16:2:5", "--wbits", "6", "--abits", "8", "--group",
                             "32", "-o", sparse_a8, "-q"], capsys)
@@ -250,6 +253,17 @@ def test_inspect_shows_the_kernel_per_device(tiny_llama, tmp_path, capsys):
     code, stdout, _ = run_cli(["inspect", sparse_a8, "--json", "--device", "cuda"], capsys)
     assert {m["kernel"] for m in json.loads(stdout)["modules"]} == {"vnm_int8"}
     assert all(m["decode_fused_with"] is None for m in json.loads(stdout)["modules"])
+    code, stdout, _ = run_cli(["inspect", sparse_a8, "--json", "--device", "cuda", "--gpu", "Other GPU"], capsys)
+    mods = {m["name"]: m for m in json.loads(stdout)["modules"]}
+    # q_proj (64 inputs, 26 kept values a row: one scale per row) expands; down_proj (96 inputs, 40 kept values in
+    # groups of 32 = 80 dense columns of 16:2:5, which the W8A8 GEMM's K tiles cannot fit) stays on the SpMM
+    assert mods["model.layers.0.self_attn.q_proj"]["configs"]["4096"] == "expanded to dense INT8 + W8A8 GEMM"
+    assert mods["model.layers.0.mlp.down_proj"]["configs"]["4096"] == "sparse tiles by token count"
+    w3 = tmp_path / "w3"
+    code, _, err = run_cli(["compress", tiny_llama, "--wbits", "3", "--group", "32", "-o", w3, "-q"], capsys)
+    assert code == 0, err
+    code, stdout, _ = run_cli(["inspect", w3, "--json", "--device", "cuda"], capsys)
+    assert {m["kernel"] for m in json.loads(stdout)["modules"]} == {"wa16"}  # INT3 codes in the INT4 layout
 
 
 def test_inspect_shows_dispatch_table_configs(tiny_llama, tmp_path, capsys, monkeypatch):

@@ -36,7 +36,8 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("bits,group,abits,smooth,bias,rotate", [
     (4, 32, None, False, False, None), (6, 64, None, False, True, None), (8, 32, None, False, False, None),
     (6, 32, 8, False, True, None), (4, 32, 8, False, False, None), (6, 64, 6, True, False, None),
-    (4, 32, None, False, True, 32), (6, 32, 6, False, False, 32)])
+    (4, 32, None, False, True, 32), (6, 32, 6, False, False, 32),
+    (3, 32, None, False, True, None), (2, 64, 8, False, False, None), (3, 32, 6, True, False, 32)])
 def test_fast_kernel_matches_the_reference(bits, group, abits, smooth, bias, rotate, monkeypatch):
     m = _module(48, 96, bits, group, abits, smooth, bias, rotate=rotate)
     canonical = {k: v.clone() for k, v in m.packed().items()}
@@ -63,18 +64,19 @@ def test_float32_inputs_and_unsupported_schemes_take_the_reference_path():
     want = reference.packed_linear(x, m.packed(), m.scheme)
     m.use_fast_kernel()
     assert torch.allclose(m(x), want, rtol=1e-6, atol=1e-6)  # float32 x: reference, exact
-    assert fast_kernel_name(dataclasses.replace(m.scheme, bits=3)) is None
+    assert fast_kernel_name(dataclasses.replace(m.scheme, bits=3)) == "wa16"  # INT3 codes in the INT4 layout
     assert fast_kernel_name(dataclasses.replace(m.scheme, slorb_group=16)) is None
     assert fast_kernel_name(dataclasses.replace(m.scheme, abits=8)) == "wa8"
 
 
-@pytest.mark.parametrize("abits,smooth,bias", [(None, False, False), (8, False, True), (6, True, False)])
-def test_fused_projections_equal_their_parts(abits, smooth, bias):
+@pytest.mark.parametrize("bits,abits,smooth,bias", [(6, None, False, False), (6, 8, False, True), (6, 6, True, False),
+                                                    (3, None, False, True)])
+def test_fused_projections_equal_their_parts(bits, abits, smooth, bias):
     """q/k/v-style fusion: one GEMM over the stacked rows gives the parts side by side, the parts keep computing
     the same through views of the fused weight (no second copy), and unfusable sets are refused."""
     from lowc.runtime.fused_linear import fuse_linears
 
-    parts = [_module(n, 96, 6, 32, abits, smooth, bias, seed=s) for s, n in enumerate((48, 16, 16))]
+    parts = [_module(n, 96, bits, 32, abits, smooth, bias, seed=s) for s, n in enumerate((48, 16, 16))]
     if smooth:  # fusable only with the same input smoothing
         for p in parts[1:]:
             p.smooth = parts[0].smooth
@@ -89,7 +91,8 @@ def test_fused_projections_equal_their_parts(abits, smooth, bias):
     assert torch.equal(fused(x), torch.cat(before, -1))
     for p, y in zip(parts, before):
         assert torch.equal(p(x), y)
-    other = _module(16, 96, 4, 32, abits, smooth, bias)
+    assert fused.packed()["qweight"].shape == packing.pack_int(torch.zeros(80, 96, dtype=torch.int8), bits).shape
+    other = _module(16, 96, 8, 32, abits, smooth, bias)
     other.use_fast_kernel()
     assert fuse_linears([parts[0], other]) is None  # different bits
 

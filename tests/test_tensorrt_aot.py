@@ -119,11 +119,12 @@ def test_kernel_signature_is_inputs_scalars_output(op):
     assert not any(p.endswith("_ptr") for p in params[len(OPS[op].inputs):-1])
 
 
-def test_jit_plugins_run_on_the_runtime_kernels(monkeypatch):
-    """With fast=True (CUDA inputs in TensorRT) an Int6Gemm node's weight goes once into the Triton GEMM's layout and
-    is computed there, not by the reference, within bf16 rounding of it; the same weight tensors reuse that module
-    and other tensors get their own; an INT2 BTCGemm weight has no fast kernel and stays on the reference."""
-    op, feeds, consts, attrs = next(c for c in GEMM_CASES if c[0] == "Int6Gemm")
+@pytest.mark.parametrize("op,bits", [("Int6Gemm", 6), ("BTCGemm", 2), ("BTCGemm", 3)])
+def test_jit_plugins_run_on_the_runtime_kernels(op, bits, monkeypatch):
+    """With fast=True (CUDA inputs in TensorRT) a GEMM node's weight goes once into the Triton GEMM's layout (INT2 /
+    INT3 codes widened to INT4) and is computed there, not by the reference, within bf16 rounding of it; the same
+    weight tensors reuse that module and other tensors get their own; float32 inputs stay on the reference."""
+    _, feeds, consts, attrs = next(c for c in GEMM_CASES if c[0] == op and c[3].get("bits", 6) == bits)
     x, weights = feeds["X"].to(torch.bfloat16), list(consts.values())
     want = plugin_compute(op, [x, *weights], attrs, fast=False)
     with monkeypatch.context() as patch:
@@ -134,11 +135,9 @@ def test_jit_plugins_run_on_the_runtime_kernels(monkeypatch):
     module = runtime_module(op, weights, attrs, x.shape[-1], x.dtype)
     assert module.kernel == "wa16" and runtime_module(op, weights, attrs, x.shape[-1], x.dtype) is module
     assert runtime_module(op, [w.clone() for w in weights], attrs, x.shape[-1], x.dtype) is not module
-    bop, bfeeds, bconsts, battrs = next(c for c in GEMM_CASES if c[0] == "BTCGemm" and c[3]["bits"] == 2)
-    assert runtime_module(bop, list(bconsts.values()), battrs, bfeeds["X"].shape[-1], torch.bfloat16) is None
-    bx = bfeeds["X"].to(torch.bfloat16)
-    torch.testing.assert_close(plugin_compute(bop, [bx, *bconsts.values()], battrs, fast=True),
-                               plugin_compute(bop, [bx, *bconsts.values()], battrs, fast=False))
+    x32 = feeds["X"].float()
+    torch.testing.assert_close(plugin_compute(op, [x32, *weights], attrs, fast=True),
+                               plugin_compute(op, [x32, *weights], attrs, fast=False))
 
 
 class Sym:

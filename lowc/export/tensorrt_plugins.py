@@ -92,7 +92,7 @@ _RUNTIME_MODULES: dict[tuple, torch.nn.Module] = {}
 def runtime_module(op: str, weights: Sequence[torch.Tensor], attrs: dict, in_features: int, dtype: torch.dtype):
     """lowc's runtime module (`PackedLinear`) for a GEMM plugin's weight tensors (of `in_features` columns), moved
     once into its fast kernel's layout for `dtype` inputs (Triton W4/6/8 GEMM, or the CUDA C++ sparse-tensor-core
-    V:N:M SpMM), or None when no fast kernel computes this scheme (INT2/INT3 weights; V:N:M without a CUDA build).
+    V:N:M SpMM), or None when no fast kernel computes this scheme (V:N:M without a CUDA build).
 
     Kept per weight addresses, shapes, attributes and dtype: an engine's weights are constants at fixed addresses
     for its lifetime, so each plugin instance converts its weight on its first call only. The converted copy lives

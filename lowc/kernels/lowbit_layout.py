@@ -29,7 +29,7 @@ import torch
 
 from .packing import packed_columns, pack_int, unpack_int
 
-GEMM_BITS = (4, 6, 8)  # weight widths the Triton GEMMs unpack; INT2/INT3 run through the reference path
+GEMM_BITS = (4, 6, 8)  # weight widths the Triton GEMMs unpack (PackedLinear widens INT2/INT3 codes to INT4)
 
 K_ALIGN = 256
 
@@ -89,7 +89,7 @@ def to_lowbit_layout(qweight: torch.Tensor, scales: torch.Tensor, bits: int, gro
     """Convert canonical `qweight` [N, packed_columns(columns, bits)] and `scales` [N, ceil(columns/group)] into
     the kernel layout, on the tensors' device. Raises ValueError on shapes that do not match the format."""
     if bits not in GEMM_BITS:
-        raise ValueError(f"the low-bit GEMM kernels take bits in {GEMM_BITS} (INT2/INT3 run on the reference path), "
+        raise ValueError(f"the low-bit GEMM kernels take bits in {GEMM_BITS} (widen INT2/INT3 codes to INT4 first), "
                          f"got bits={bits}")
     if qweight.dim() != 2 or qweight.shape[1] != packed_columns(columns, bits):
         raise ValueError(f"qweight must be [N, {packed_columns(columns, bits)}] for {columns} INT{bits} columns, "

@@ -88,13 +88,19 @@ def vnm_int8_dense_kernel(values_ptr, meta_ptr, columns_ptr, out_ptr, rows, cols
     tl.store(out_ptr + row.to(tl.int64) * out_stride + col, value, mask=keep)
 
 
-def dense_int8_group(w: VNMInt8Weight) -> int | None:
-    """The dense scale group of an INT8 V:N:M weight expanded for `wa8_gemm` (0 for row scales), or None when the
-    GEMM's K tiles cannot fit it (g·M/2 not a multiple of 32)."""
-    if not w.group_pairs:
+def dense_group(kept_group: int | None, m: int) -> int | None:
+    """The dense scale group of V:N:M INT8 scales over groups of `kept_group` kept values (None: row scales, which
+    give 0) once expanded for `wa8_gemm`: g·M/2 columns, or None when the GEMM's K tiles cannot fit it (not a
+    multiple of 32)."""
+    if kept_group is None:
         return 0
-    group = 16 * w.group_pairs * w.m  # 32 * group_pairs kept values = 16 * group_pairs column blocks of M
+    group = kept_group * m // 2  # g kept values = g/2 column blocks of M columns
     return group if group % 32 == 0 else None
+
+
+def dense_int8_group(w: VNMInt8Weight) -> int | None:
+    """`dense_group` of an INT8 V:N:M weight in the kernel layout."""
+    return dense_group(32 * w.group_pairs if w.group_pairs else None, w.m)
 
 
 def vnm_int8_lowbit(w: VNMInt8Weight) -> LowbitWeight | None:
@@ -123,4 +129,4 @@ def vnm_dense_linear(x: torch.Tensor, w: VNMKernelWeight, bias: torch.Tensor | N
 
 
 __all__ = ["DENSE_PREFILL_TOKENS", "vnm_dense_kernel", "vnm_dense_weight", "vnm_dense_linear",
-           "vnm_int8_dense_kernel", "dense_int8_group", "vnm_int8_lowbit"]
+           "vnm_int8_dense_kernel", "dense_group", "dense_int8_group", "vnm_int8_lowbit"]

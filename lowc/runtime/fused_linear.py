@@ -115,7 +115,7 @@ def _fuse(mods: list[nn.Module]) -> nn.Module | None:
     fused.register_buffer("lowbit_codes", fused_w.codes)
     fused.register_buffer("lowbit_high", fused_w.high)
     fused.register_buffer("lowbit_scales", fused_w.scales)
-    fused._k_pad, fused.kernel = fused_w.k_pad, first.kernel
+    fused._k_pad, fused._lowbit_bits, fused.kernel = fused_w.k_pad, fused_w.bits, first.kernel
     bias = _cat_bias(mods)
     if bias is not None:
         fused.register_buffer("bias", bias)

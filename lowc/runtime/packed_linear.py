@@ -6,16 +6,23 @@ import torch
 
 from ..kernels import reference
 from ..kernels.hadamard import rotate_inputs
+from ..kernels.packing import pack_int, unpack_int
 from ..scheme import ModuleScheme
 
 FAST_BITS = (4, 6, 8)  # weight widths the Triton W{4,6,8}A16 / A8 GEMMs take
+WIDENED_BITS = (2, 3)  # computed by the same GEMMs with their codes widened to the INT4 layout (exact)
 VNM_WEIGHT_TENSORS = ("columns", "positions", "values", "qweight", "scales")  # replaced by the SpMM layout
+
+
+def layout_bits(bits: int) -> int:
+    """The code width of the Triton GEMM layout a dense module of `bits`-bit codes computes in."""
+    return 4 if bits in WIDENED_BITS else bits
 
 
 def fast_kernel_name(scheme: ModuleScheme) -> str | None:
     """The GPU kernel that computes `scheme` as the reference does, or None when only the reference path can
-    (SLoRB branches; INT2/INT3 dense weights; V:N:M + A8/A6 with scale groups that are not a multiple of 32):
-    "wa16" / "wa8" (dense low-bit Triton GEMMs), "vnm" (sparse tensor cores, 16-bit values: stored ones, or
+    (SLoRB branches; V:N:M + A8/A6 with scale groups that are not a multiple of 32): "wa16" / "wa8" (dense low-bit
+    Triton GEMMs; INT2/INT3 codes run in the INT4 layout), "vnm" (sparse tensor cores, 16-bit values: stored ones, or
     integer values dequantized at load when the inputs stay 16-bit), "vnm_int8" (sparse INT8 tensor cores,
     integer values with per-token A8/A6 inputs)."""
     if getattr(scheme, "slorb_group", None):
@@ -25,7 +32,7 @@ def fast_kernel_name(scheme: ModuleScheme) -> str | None:
             return "vnm"
         per_row = scheme.group >= scheme.stored_columns
         return "vnm_int8" if per_row or scheme.group % 32 == 0 else None
-    if scheme.bits not in FAST_BITS:
+    if scheme.bits not in FAST_BITS + WIDENED_BITS:
         return None
     return "wa16" if scheme.abits is None else "wa8"
 
@@ -35,7 +42,7 @@ class PackedLinear(torch.nn.Module):
 
     By default forward decodes through `kernels/reference.py`. After `use_fast_kernel()` (what `lowc.load` does on
     CUDA) a dense INT4/INT6/INT8 module keeps its weight only in the Triton GEMMs' layout (no second copy, no dense
-    bf16 weight) and computes fp16/bf16 inputs (rotated first when the scheme says so) through `wa16_gemm` (A16)
+    bf16 weight; INT2/INT3 codes widened to the INT4 layout, exact, 4 bits a weight) and computes fp16/bf16 inputs (rotated first when the scheme says so) through `wa16_gemm` (A16)
     or `wa8_gemm` (A8/A6, after dividing by the `smooth` factors); a V:N:M module moves its weight into the
     sparse-tensor-core layout of `vnm_spmm` (its canonical tensors go to host memory, for `packed()`), and computes
     prefills of `DENSE_PREFILL_TOKENS` or more tokens by expanding that layout into a transient dense weight
@@ -49,6 +56,7 @@ class PackedLinear(torch.nn.Module):
         self.out_features = scheme.shape[0]
         self.kernel = "reference"
         self._k_pad = None  # set when the weight lives in the Triton layout (buffers lowbit_codes/high/scales)
+        self._lowbit_bits = None  # that layout's code width: the scheme's, or 4 for widened INT2/INT3 codes
         for suffix, t in tensors.items():
             self.register_buffer(suffix, t)
 
@@ -63,18 +71,20 @@ class PackedLinear(torch.nn.Module):
             return self._use_vnm_kernel(name, dtype or getattr(torch, self.scheme.dtype))
         from ..kernels.lowbit_layout import to_lowbit_layout
 
-        w = to_lowbit_layout(self.qweight, self.scales, self.scheme.bits, self.scheme.group, self.scheme.shape[1])
+        bits, qweight = self.scheme.bits, self.qweight
+        if layout_bits(bits) != bits:  # INT2/INT3 codes are INT4 codes too: the INT4 layout computes them exactly
+            qweight, bits = pack_int(unpack_int(qweight, bits, self.in_features), layout_bits(bits)), layout_bits(bits)
+        w = to_lowbit_layout(qweight, self.scales, bits, self.scheme.group, self.scheme.shape[1])
         del self.qweight, self.scales  # the kernel layout holds the same codes and scales (see packed())
         self.register_buffer("lowbit_codes", w.codes)
         self.register_buffer("lowbit_high", w.high)
         self.register_buffer("lowbit_scales", w.scales)
-        self._k_pad = w.k_pad
+        self._k_pad, self._lowbit_bits = w.k_pad, bits
         self.kernel = name
         return True
 
     def _use_vnm_kernel(self, name: str, dtype: torch.dtype) -> bool:
         from ..kernels import vnm_layout
-        from ..kernels.packing import unpack_int
         from ..kernels.cuda_build import available
 
         if dtype not in (torch.float16, torch.bfloat16) or not available():
@@ -130,7 +140,7 @@ class PackedLinear(torch.nn.Module):
         from ..kernels.lowbit_layout import LowbitWeight
 
         n, k = self.scheme.shape
-        return LowbitWeight(self.scheme.bits, self.scheme.group, n, k, self._k_pad, self.lowbit_codes,
+        return LowbitWeight(self._lowbit_bits, self.scheme.group, n, k, self._k_pad, self.lowbit_codes,
                             self.lowbit_high, self.lowbit_scales)
 
     def packed(self) -> dict[str, torch.Tensor]:
@@ -146,6 +156,9 @@ class PackedLinear(torch.nn.Module):
         out = {suffix: getattr(self, suffix) for suffix in self.scheme.expected_tensors()
                if suffix not in ("qweight", "scales")}
         out["qweight"], out["scales"] = from_lowbit_layout(self.lowbit)
+        if self._lowbit_bits != self.scheme.bits:  # widened codes back to the scheme's packing
+            out["qweight"] = pack_int(unpack_int(out["qweight"], self._lowbit_bits, self.in_features),
+                                      self.scheme.bits)
         return out
 
     def dense_weight(self) -> torch.Tensor:
