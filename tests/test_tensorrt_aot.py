@@ -24,13 +24,14 @@ from lowc.export.tensorrt_plugins import (autotune_io_types, plugin_compute, plu
                                           runtime_module)
 from lowc.kernels import reference  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (conftest turns it on)
 AOT_CASES = [c for c in _op_cases() if c[0] in AOT_OPS]
 GEMM_CASES = [c for c in AOT_CASES if c[0] != "SageAttention"]
 
 
 def _inputs(case):
     _, feeds, consts, _ = case
-    return [*feeds.values(), *consts.values()]
+    return [t.to(DEVICE) for t in (*feeds.values(), *consts.values())]
 
 
 @pytest.mark.parametrize("tactic", TACTICS)
@@ -71,7 +72,7 @@ def test_aot_attention_matches_fp32_attention(index, tactic, dtype):
     """The one-kernel SageAttention, launched as the AOT plugin is, within the attention issue's accuracy bounds
     (cosine >= 0.9995, relative L1 <= 0.02) of the plugins' fp32 computation, and equal to `sage_single`."""
     q, k, v, bias, attrs = list(_attention_cases())[index]
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q, k, v, bias = q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype), bias.to(DEVICE)
     launch = aot_launch("SageAttention", [list(t.shape) for t in (q, k, v, bias)], attrs, tactic=tactic)
     out = torch.full_like(q, float("nan"))
     run_triton(launch, [q, k, v, bias], out)
@@ -88,8 +89,8 @@ def test_aot_attention_matches_fp32_attention(index, tactic, dtype):
 def test_aot_attention_smoothing_is_what_keeps_it_accurate():
     """The same INT8 scheme (Q per token, K per block of 64 keys) without K's mean removed loses several times more
     accuracy on K with channel offsets: the kernel's accuracy above comes from the smoothing, not from easy inputs."""
-    q, k, v, bias, attrs = next(_attention_cases())
-    want = plugin_compute("SageAttention", [q, k, v, bias], attrs)
+    q, k, v, bias, attrs = (t.to(DEVICE) if torch.is_tensor(t) else t for t in next(_attention_cases()))
+    want = plugin_compute("SageAttention", [q, k, v, bias], attrs, fast=False)
 
     def int8(x, amax):
         scale = amax / 127
@@ -98,7 +99,7 @@ def test_aot_attention_smoothing_is_what_keeps_it_accurate():
     q8 = int8(q, q.abs().amax(-1, keepdim=True))
     k8 = torch.cat([int8(blk, blk.abs().amax((-1, -2), keepdim=True)) for blk in k.split(64, 2)], 2)
     scores = q8 @ k8.repeat_interleave(2, 1).transpose(-1, -2) * attrs["scale"]
-    visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(k.shape[2] - q.shape[2])
+    visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=DEVICE).tril(k.shape[2] - q.shape[2])
     unsmoothed = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ v.repeat_interleave(2, 1)
     unsmoothed_l1 = (unsmoothed - want).abs().sum() / want.abs().sum()
     launch = aot_launch("SageAttention", [list(t.shape) for t in (q, k, v, bias)], attrs)
@@ -125,7 +126,7 @@ def test_jit_plugins_run_on_the_runtime_kernels(op, bits, monkeypatch):
     INT3 codes widened to INT4) and is computed there, not by the reference, within bf16 rounding of it; the same
     weight tensors reuse that module and other tensors get their own; float32 inputs stay on the reference."""
     _, feeds, consts, attrs = next(c for c in GEMM_CASES if c[0] == op and c[3].get("bits", 6) == bits)
-    x, weights = feeds["X"].to(torch.bfloat16), list(consts.values())
+    x, weights = feeds["X"].to(DEVICE, torch.bfloat16), [t.to(DEVICE) for t in consts.values()]
     want = plugin_compute(op, [x, *weights], attrs, fast=False)
     with monkeypatch.context() as patch:
         patch.setattr(reference, "packed_linear", lambda *a: pytest.fail("took the reference path"))
@@ -135,7 +136,7 @@ def test_jit_plugins_run_on_the_runtime_kernels(op, bits, monkeypatch):
     module = runtime_module(op, weights, attrs, x.shape[-1], x.dtype)
     assert module.kernel == "wa16" and runtime_module(op, weights, attrs, x.shape[-1], x.dtype) is module
     assert runtime_module(op, [w.clone() for w in weights], attrs, x.shape[-1], x.dtype) is not module
-    x32 = feeds["X"].float()
+    x32 = feeds["X"].to(DEVICE, torch.float32)
     torch.testing.assert_close(plugin_compute(op, [x32, *weights], attrs, fast=True),
                                plugin_compute(op, [x32, *weights], attrs, fast=False))
 
