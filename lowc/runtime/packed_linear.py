@@ -22,8 +22,8 @@ def layout_bits(bits: int) -> int:
 def fast_kernel_name(scheme: ModuleScheme) -> str | None:
     """The GPU kernel that computes `scheme` as the reference does, or None when only the reference path can
     (SLoRB branches; V:N:M + A8/A6 with scale groups that are not a multiple of 32): "wa16" / "wa8" (dense low-bit
-    Triton GEMMs; INT2/INT3 codes run in the INT4 layout), "vnm" (sparse tensor cores, 16-bit values: stored ones, or
-    integer values dequantized at load when the inputs stay 16-bit), "vnm_int8" (sparse INT8 tensor cores,
+    Triton GEMMs; INT2/INT3 codes run in the INT4 layout), "vnm" (sparse tensor cores, 16-bit values: stored ones,
+    or integer values dequantized at load when the inputs stay 16-bit), "vnm_int8" (sparse INT8 tensor cores,
     integer values with per-token A8/A6 inputs)."""
     if getattr(scheme, "slorb_group", None):
         return None
@@ -41,9 +41,10 @@ class PackedLinear(torch.nn.Module):
     """Drop-in for nn.Linear holding a lowc-packed weight.
 
     By default forward decodes through `kernels/reference.py`. After `use_fast_kernel()` (what `lowc.load` does on
-    CUDA) a dense INT4/INT6/INT8 module keeps its weight only in the Triton GEMMs' layout (no second copy, no dense
-    bf16 weight; INT2/INT3 codes widened to the INT4 layout, exact, 4 bits a weight) and computes fp16/bf16 inputs (rotated first when the scheme says so) through `wa16_gemm` (A16)
-    or `wa8_gemm` (A8/A6, after dividing by the `smooth` factors); a V:N:M module moves its weight into the
+    CUDA) a dense INT2..INT8 module keeps its weight only in the Triton GEMMs' layout (no second copy, no dense
+    bf16 weight; INT2/INT3 codes widened to the INT4 layout, exact, 4 bits a weight) and computes fp16/bf16 inputs
+    (rotated first when the scheme says so) through `wa16_gemm` (A16) or `wa8_gemm` (A8/A6, after dividing by the
+    `smooth` factors); a V:N:M module moves its weight into the
     sparse-tensor-core layout of `vnm_spmm` (its canonical tensors go to host memory, for `packed()`), and computes
     prefills of `DENSE_PREFILL_TOKENS` or more tokens by expanding that layout into a transient dense weight
     (`vnm_dense`): 16-bit for cuBLAS, INT8 codes for the W8A8 GEMM; float32 inputs still take the reference path.
@@ -73,7 +74,9 @@ class PackedLinear(torch.nn.Module):
 
         bits, qweight = self.scheme.bits, self.qweight
         if layout_bits(bits) != bits:  # INT2/INT3 codes are INT4 codes too: the INT4 layout computes them exactly
-            qweight, bits = pack_int(unpack_int(qweight, bits, self.in_features), layout_bits(bits)), layout_bits(bits)
+            codes = unpack_int(qweight, bits, self.in_features)
+            bits = layout_bits(bits)
+            qweight = pack_int(codes, bits)
         w = to_lowbit_layout(qweight, self.scales, bits, self.scheme.group, self.scheme.shape[1])
         del self.qweight, self.scales  # the kernel layout holds the same codes and scales (see packed())
         self.register_buffer("lowbit_codes", w.codes)
