@@ -204,6 +204,32 @@ def test_lowc_nodes_match_plugins_and_functions(exported):
     assert manifest["onnx"]["opset"] == OPSET and manifest["producer"]["version"] == lowc.__version__
 
 
+def assert_attention_fits_aot(path: Path, head_dim: int) -> None:
+    """What the SageAttention AOT kernel needs from an exported graph, which TensorRT's build will see: a head dim
+    known from the graph (the heads are split by Reshape with constants) and a bias of shape [B or 1, 1, 1, Sk or
+    1]; the launch is then built from the inferred shapes (symbolic dims stand in as 5)."""
+    from lowc.export.tensorrt_aot import aot_launch
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(path))
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    shapes.update({t.name: list(t.dims) for t in model.graph.initializer})
+    nodes = [n for n in model.graph.node if n.op_type == "SageAttention"]
+    assert nodes
+    for node in nodes:
+        q, k, v, bias = (shapes[name] for name in node.input)
+        assert q[3] == head_dim and k[3] == v[3] == q[3], (q, k, v)
+        assert bias[1:3] == [1, 1], bias
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        launch = aot_launch("SageAttention", [[5 if d is None else d for d in s] for s in (q, k, v, bias)],
+                            {"causal": attrs["causal"], "scale": attrs["scale"]})
+        assert dict(launch.constexprs)["HEAD_DIM"] == head_dim
+
+
+def test_decoder_attention_fits_the_aot_kernel(exported):
+    assert_attention_fits_aot(exported("vnm_w6") / "model.onnx", LLAMA["head_dim"])
+
+
 # -------------------------------------------------------------------------------- each lowc op, three ways agree
 def _single_op_model(op_name: str, feeds: dict[str, torch.Tensor], consts: dict[str, torch.Tensor], attrs: dict):
     op = OPS[op_name]
@@ -284,6 +310,7 @@ def test_bert_matches_lowc_runtime(options, bert_ckpt, workdir):
     out = export(art)
     assert out == art.with_name(art.name + "-onnx")
     onnx.checker.check_model(onnx.load(out / "model.onnx"), full_check=True)
+    assert_attention_fits_aot(out / "model.onnx", BERT["hidden_size"] // BERT["num_attention_heads"])
     ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
