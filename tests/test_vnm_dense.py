@@ -61,3 +61,16 @@ def test_int8_expansion_is_the_canonical_weight(meta_mode, v, m, rows, cols, gro
     per_value = scales.float().repeat_interleave(group or codes.shape[1], 1)[:, :codes.shape[1]]
     want = vnm_to_dense(codes.float() * per_value, columns, packed, v, m, (rows, cols))
     torch.testing.assert_close(dequantize_lowbit(lw)[:, :cols].float().cpu(), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel,signature,const", [
+    ("vnm_dense_kernel", ("*bf16", "*i32", "*i32", "*bf16") + ("i32",) * 4, (("V", 64),)),
+    ("vnm_int8_dense_kernel", ("*i8", "*i32", "*i32", "*i8") + ("i32",) * 5, (("V", 32), ("ROWS_META", True))),
+    ("vnm_int8_dense_kernel", ("*i8", "*i32", "*i32", "*i8") + ("i32",) * 5, (("V", 128), ("ROWS_META", False)))])
+def test_kernels_compile_for_hopper(kernel, signature, const):
+    """The expansion kernels lower to PTX for sm_90 (compiled in a process without the interpreter), so a GPU run
+    does not meet a compile error the interpreter cannot show."""
+    from lowc.export.tensorrt_aot import _compile
+
+    compiled = _compile("vnm_dense", kernel, const, signature, 90, 4)
+    assert f".entry {compiled.name}(" in compiled.ptx and ".target sm_90" in compiled.ptx
