@@ -261,3 +261,23 @@ def test_gpu_decode_bf16_cache_and_head_dim_256():
     ref = attention_reference(q, k, v, True)
     _check(sa.sage_attention(q, k, v, causal=True, pv_dtype="fp8"), ref, FP8_PV)
     _check(sa.sage_attention(q, k, v, causal=True, pv_dtype="fp16"), ref, (0.9995, 0.025))
+
+
+def test_exp2_split_compiles_for_hopper():
+    """The every-other-column exp2 split (reshape, split, join on the MMA-layout tile) lowers to PTX for sm_90
+    with 128x128 tiles and FP8 P·V, half the MUFU exp2 instructions of the plain kernel (compiled in a process
+    without the interpreter)."""
+    from lowc.export.tensorrt_aot import _compile
+
+    const = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=128, BLOCK_N=128, CAUSAL=False, VARLEN=False, PV_FP8=True,
+                 RETURN_LSE=False, P_SHIFT=sa.P_SHIFT_FP8, MAGIC_CVT=True, PREROUND=False)
+    pointers = {"Q": "*bf16", "KQ": "*i8", "KS": "*fp32", "V": "*fp8e4nv", "VMAX": "*fp32", "KSUM": "*fp32",
+                "O": "*bf16", "LSE": "*fp32", "CU_Q": "*i32", "CU_K": "*i32"}
+    names = [a for a in sa._prefill_kernel.arg_names if a not in const and a != "EXP2_FMA"]
+    signature = tuple(pointers.get(a, "fp32" if a in ("qk_scale", "sm_scale") else "i32") for a in names)
+    ex2 = {}
+    for variant in (0, 1):
+        kernel = _compile("sage_attention", "_prefill_kernel", tuple({**const, "EXP2_FMA": variant}.items()),
+                          signature, 90, 8)
+        ex2[variant] = kernel.ptx.count("ex2.approx")
+    assert 0 < ex2[1] < 0.6 * ex2[0], ex2
