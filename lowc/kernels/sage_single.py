@@ -4,8 +4,9 @@ lowc's runtime kernel (`sage_attention.py`) smooths and quantizes K (and V for F
 attention kernel, which is the fast way when Python launches the kernels. A TensorRT AOT plugin launches exactly one
 kernel with the node's tensors (Q, K, V, bias) as they are, so this kernel does it all in one program per block of
 BLOCK_M query rows of one head:
-1. the smoothing mean of K over the keys of its KV head, from every `k_stride`-th key (at most ~1024 of them; any
-   subtracted vector leaves the result exact, since every score of a row moves by the same q·mean);
+1. the smoothing mean of K over the keys of its KV head, from every `k_stride`-th key (all keys up to 2047, then 1024
+   to 2047 of them; any subtracted vector leaves the result exact, since every score of a row moves by the same
+   q·mean);
 2. Q to INT8 per token, with the softmax scale and log2(e) folded into its scale;
 3. per block of BLOCK_N keys: K − mean to INT8 with one absmax/127 scale per block (the runtime kernel's
    granularity), the int8 × int8 → int32 product, the additive bias per key, the causal mask (bottom-right
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-MEAN_SAMPLES = 1024  # keys averaged for the smoothing mean, at most
+MEAN_SAMPLES = 1024  # the smoothing mean samples every (Sk // MEAN_SAMPLES)-th key: 1024 to 2047 of them
 _LOG2E = tl.constexpr(LOG2E)
 _MEAN_SAMPLES = tl.constexpr(MEAN_SAMPLES)
 
