@@ -319,6 +319,9 @@ def test_bad_rope_type(rope):
     ({**LLAMA, "num_key_value_heads": 3}, "num_key_value_heads"),
     ({k: v for k, v in LLAMA.items() if k != "vocab_size"}, "missing 'vocab_size'"),
     ({**LLAMA, "hidden_size": "64"}, "hidden_size"),
+    ({**LLAMA, "vocab_size": -1}, "'vocab_size' must be a positive integer, got -1"),  # found by the manifest fuzzing
+    ({**LLAMA, "num_hidden_layers": 0}, "'num_hidden_layers' must be a positive integer"),
+    ({**BERT, "intermediate_size": -5}, "'intermediate_size' must be a positive integer"),
 ])
 def test_bad_config(config, match):
     with pytest.raises(CheckpointError, match=match):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, LowcError
-from .llama import _get
+from .llama import _get, _size
 
 
 @dataclass
@@ -49,13 +49,13 @@ class BertConfig:
         if hidden <= 0 or heads <= 0 or hidden % heads:
             raise CheckpointError(f"{where}: hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads})")
         return cls(
-            vocab_size=_get(cfg, "vocab_size", int, where),
+            vocab_size=_size(cfg, "vocab_size", where),
             hidden_size=hidden,
-            num_hidden_layers=_get(cfg, "num_hidden_layers", int, where),
+            num_hidden_layers=_size(cfg, "num_hidden_layers", where),
             num_attention_heads=heads,
-            intermediate_size=_get(cfg, "intermediate_size", int, where),
-            max_position_embeddings=_get(cfg, "max_position_embeddings", int, where, 512),
-            type_vocab_size=_get(cfg, "type_vocab_size", int, where, 2),
+            intermediate_size=_size(cfg, "intermediate_size", where),
+            max_position_embeddings=_size(cfg, "max_position_embeddings", where, 512),
+            type_vocab_size=_size(cfg, "type_vocab_size", where, 2),
             layer_norm_eps=float(_get(cfg, "layer_norm_eps", (int, float), where, 1e-12)),
             pad_token_id=cfg.get("pad_token_id", 0),
         )

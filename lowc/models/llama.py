@@ -35,6 +35,15 @@ def _get(cfg: dict, key: str, kind: type | tuple[type, ...], where: str, default
     return value
 
 
+def _size(cfg: dict, key: str, where: str, default=...) -> int:
+    """A size cfg[key] (or `default`): a positive int, else a CheckpointError (a 0 or negative vocabulary, width
+    or layer count would only fail later, deep inside torch)."""
+    value = _get(cfg, key, int, where, default)
+    if value <= 0:
+        raise CheckpointError(f"{where}: '{key}' must be a positive integer, got {value}")
+    return value
+
+
 @dataclass
 class LlamaConfig:
     """The subset of an HF Llama config.json that the computation depends on."""
@@ -111,14 +120,14 @@ class LlamaConfig:
                 raise CheckpointError(f"{rwhere}: llama3 RoPE needs high_freq_factor > low_freq_factor")
         return cls(
             hidden_size=hidden,
-            intermediate_size=_get(cfg, "intermediate_size", int, where),
-            num_hidden_layers=_get(cfg, "num_hidden_layers", int, where),
+            intermediate_size=_size(cfg, "intermediate_size", where),
+            num_hidden_layers=_size(cfg, "num_hidden_layers", where),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            vocab_size=_get(cfg, "vocab_size", int, where),
+            vocab_size=_size(cfg, "vocab_size", where),
             rms_norm_eps=float(_get(cfg, "rms_norm_eps", _NUM, where, 1e-6)),
-            max_position_embeddings=_get(cfg, "max_position_embeddings", int, where, 2048),
+            max_position_embeddings=_size(cfg, "max_position_embeddings", where, 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
