@@ -129,7 +129,7 @@ def _is_one(dim) -> bool:
 def _attention_launch(shapes: Sequence[Sequence], attrs: dict, cdiv: Callable, tiles: dict) -> AotLaunch:
     """SageAttention (Q [B, Hq, Sq, D], K, V [B, Hkv, Sk, D], bias [B or 1, 1, 1, Sk or 1]) as one launch of
     `sage_single_kernel`: a program per BLOCK_M query rows of one (batch, head)."""
-    from ..kernels.sage_single import bias_strides
+    from ..kernels.sage_single import bias_strides, block_d
 
     q, k, v, bias = shapes
     if not len(q) == len(k) == len(v) == len(bias) == 4:
@@ -139,7 +139,7 @@ def _attention_launch(shapes: Sequence[Sequence], attrs: dict, cdiv: Callable, t
         raise ValueError(f"SageAttention's AOT kernel takes head dims up to 256, got {head_dim}")
     stride_b, stride_k = bias_strides(bias, _is_one)
     const = dict(SCALE=float(attrs["scale"]), CAUSAL=bool(attrs["causal"]), HEAD_DIM=head_dim,
-                 BLOCK_D=max(32, 1 << (head_dim - 1).bit_length()), **tiles)
+                 BLOCK_D=block_d(head_dim), **tiles)
     return AotLaunch("sage_single_kernel", tuple(const.items()), (cdiv(q[2], tiles["BLOCK_M"]), q[0] * q[1], 1),
                      (q[2], k[2], q[1], k[1], stride_b, stride_k), module="sage_single")
 

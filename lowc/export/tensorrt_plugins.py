@@ -83,9 +83,6 @@ def _scheme(op: str, shape: tuple[int, int], attrs: dict) -> ModuleScheme:
     return ModuleScheme(op, shape, vnm, attrs["bits"], attrs["group"])
 
 
-_WEIGHT_NAMES = {"Int6Gemm": ("qweight", "scales"), "BTCGemm": ("qweight", "scales"),
-                 "VNMGemm": ("values", "columns", "positions"),
-                 "VNMQGemm": ("qweight", "scales", "columns", "positions")}
 _RUNTIME_MODULES: dict[tuple, torch.nn.Module] = {}
 
 
@@ -97,20 +94,16 @@ def runtime_module(op: str, weights: Sequence[torch.Tensor], attrs: dict, in_fea
     Kept per weight addresses, shapes, attributes and dtype: an engine's weights are constants at fixed addresses
     for its lifetime, so each plugin instance converts its weight on its first call only. The converted copy lives
     beside TensorRT's (a second copy of each weight in GPU memory)."""
-    from ..runtime.packed_linear import PackedLinear, fast_kernel_name
+    from ..runtime.packed_linear import PackedLinear
 
     key = (op, tuple(sorted(attrs.items())), in_features, dtype,
            *((t.data_ptr(), tuple(t.shape), t.dtype) for t in weights))
     if key in _RUNTIME_MODULES:
         return _RUNTIME_MODULES[key]
     scheme = _scheme(op, (weights[0].shape[0], in_features), attrs)
-    module = None
-    if fast_kernel_name(scheme) is not None:
-        module = PackedLinear(scheme, dict(zip(_WEIGHT_NAMES[op], weights)))
-        if not module.use_fast_kernel(dtype):
-            module = None
-    _RUNTIME_MODULES[key] = module
-    return module
+    module = PackedLinear(scheme, dict(zip(OPS[op].inputs[1:], weights)))  # the node's inputs after X
+    _RUNTIME_MODULES[key] = module if module.use_fast_kernel(dtype) else None
+    return _RUNTIME_MODULES[key]
 
 
 def plugin_compute(op: str, inputs: Sequence[torch.Tensor], attrs: dict, fast: bool | None = None) -> torch.Tensor:
@@ -135,14 +128,14 @@ def plugin_compute(op: str, inputs: Sequence[torch.Tensor], attrs: dict, fast: b
             visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
             scores = scores.masked_fill(~visible, float("-inf"))
         return torch.matmul(torch.softmax(scores + scores_bias, -1), vr).to(q.dtype)
-    if op not in _WEIGHT_NAMES:
+    if op not in OPS:
         raise ValueError(f"unknown lowc op {op!r} (known: {', '.join(OPS)})")
     x, weights = inputs[0], inputs[1:]
     if fast and half:
         module = runtime_module(op, weights, attrs, x.shape[-1], x.dtype)
         if module is not None:
             return module(x)
-    tensors = dict(zip(_WEIGHT_NAMES[op], weights))
+    tensors = dict(zip(OPS[op].inputs[1:], weights))
     return reference.packed_linear(x, tensors, _scheme(op, (weights[0].shape[0], x.shape[-1]), attrs))
 
 

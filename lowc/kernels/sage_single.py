@@ -27,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from .sage_attention import LOG2E
+from .sage_attention import _block_d as block_d  # the head dim padded to a power of two >= 32
+
 MEAN_SAMPLES = 1024  # the smoothing mean samples every (Sk // MEAN_SAMPLES)-th key: 1024 to 2047 of them
 _LOG2E = tl.constexpr(LOG2E)
 _MEAN_SAMPLES = tl.constexpr(MEAN_SAMPLES)
@@ -140,9 +142,9 @@ def sage_single(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.T
     grid = (triton.cdiv(seqlen_q, block_m), batch * heads_q, 1)
     sage_single_kernel[grid](q, k, v, bias, seqlen_q, seqlen_k, heads_q, heads_kv, stride_b, stride_k, out,
                              SCALE=float(head_dim ** -0.5 if sm_scale is None else sm_scale), CAUSAL=bool(causal),
-                             HEAD_DIM=head_dim, BLOCK_D=max(32, triton.next_power_of_2(head_dim)), BLOCK_M=block_m,
+                             HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=block_m,
                              BLOCK_N=block_n, num_warps=num_warps)
     return out
 
 
-__all__ = ["sage_single", "sage_single_kernel", "bias_strides"]
+__all__ = ["sage_single", "sage_single_kernel", "bias_strides", "block_d"]

@@ -174,24 +174,21 @@ class PackedLinear(torch.nn.Module):
             bias = getattr(self, "bias", None)
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
-            from ..kernels import vnm_spmm
+            from ..kernels import vnm_dense, vnm_spmm
 
+            weight = self.vnm_weight
+            prefill = x.numel() >= vnm_dense.DENSE_PREFILL_TOKENS * self.in_features  # expand, then a dense GEMM
             if self.kernel == "vnm" and x.dtype == self.vnm_values.dtype:
-                from ..kernels.vnm_dense import DENSE_PREFILL_TOKENS, vnm_dense_linear
-
-                if x.numel() >= DENSE_PREFILL_TOKENS * self.in_features:  # prefill: expand once, then cuBLAS
-                    return vnm_dense_linear(x, self.vnm_weight, bias)
-                return vnm_spmm.vnm_spmm(x, self.vnm_weight, bias)
+                if prefill:
+                    return vnm_dense.vnm_dense_linear(x, weight, bias)
+                return vnm_spmm.vnm_spmm(x, weight, bias)
             if self.kernel == "vnm_int8":
                 if self.scheme.smooth:
                     x = (x.float() / self.smooth).to(x.dtype)
-                from ..kernels.vnm_dense import DENSE_PREFILL_TOKENS, dense_int8_group, vnm_int8_lowbit
+                if prefill and vnm_dense.dense_int8_group(weight) is not None:
+                    from ..kernels.wa8_gemm import wa8_gemm
 
-                weight = self.vnm_weight
-                if x.numel() >= DENSE_PREFILL_TOKENS * self.in_features and dense_int8_group(weight) is not None:
-                    from ..kernels.wa8_gemm import wa8_gemm  # prefill: expand to dense INT8 codes, W8A8 GEMM
-
-                    return wa8_gemm(x, vnm_int8_lowbit(weight), bias, act_bits=self.scheme.abits)
+                    return wa8_gemm(x, vnm_dense.vnm_int8_lowbit(weight), bias, act_bits=self.scheme.abits)
                 return vnm_spmm.vnm_spmm_int8(x, weight, bias, act_bits=self.scheme.abits)
         if self._k_pad is not None and x.dtype in (torch.float16, torch.bfloat16):
             if self.scheme.rotate:
